@@ -1,0 +1,136 @@
+//! The one place that decides which instruction set the kernels use.
+//!
+//! Detected once (`is_x86_feature_detected!`); `HETMOE_ISA=scalar|avx2|avx512` or
+//! [`force_isa`] override it for tests and bug reports (never to an ISA the CPU lacks).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::KernelError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512 F/BW/VL (plus AVX2 features).
+    Avx512,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Isa, KernelError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Ok(Isa::Scalar),
+            "avx2" => Ok(Isa::Avx2),
+            "avx512" => Ok(Isa::Avx512),
+            other => Err(KernelError::UnknownIsa(other.into())),
+        }
+    }
+
+    /// Whether this CPU can run the ISA.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            Isa::Avx2 => detect_avx2(),
+            Isa::Avx512 => detect_avx512(),
+        }
+    }
+
+    /// Every ISA this CPU can run, scalar first.
+    pub fn all_supported() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.is_supported())
+            .collect()
+    }
+
+    fn best() -> Isa {
+        if detect_avx512() {
+            Isa::Avx512
+        } else if detect_avx2() {
+            Isa::Avx2
+        } else {
+            Isa::Scalar
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx2() -> bool {
+    false
+}
+#[cfg(target_arch = "x86_64")]
+fn detect_avx512() -> bool {
+    detect_avx2()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx512() -> bool {
+    false
+}
+
+const UNSET: u8 = u8::MAX;
+static ACTIVE: AtomicU8 = AtomicU8::new(UNSET);
+
+fn encode(i: Isa) -> u8 {
+    i as u8
+}
+fn decode(v: u8) -> Isa {
+    match v {
+        0 => Isa::Scalar,
+        1 => Isa::Avx2,
+        _ => Isa::Avx512,
+    }
+}
+
+/// The ISA kernels use now: forced, else from `HETMOE_ISA`, else the best the CPU has.
+/// An unusable `HETMOE_ISA` value falls back to detection (with a warning on stderr).
+pub fn active_isa() -> Isa {
+    let v = ACTIVE.load(Ordering::Relaxed);
+    if v != UNSET {
+        return decode(v);
+    }
+    let isa = match std::env::var("HETMOE_ISA") {
+        Ok(s) => match Isa::parse(&s) {
+            Ok(i) if i.is_supported() => i,
+            Ok(i) => {
+                eprintln!(
+                    "hetmoe: HETMOE_ISA={} is not supported by this CPU; detecting",
+                    i.name()
+                );
+                Isa::best()
+            }
+            Err(e) => {
+                eprintln!("hetmoe: {e}; detecting");
+                Isa::best()
+            }
+        },
+        Err(_) => Isa::best(),
+    };
+    ACTIVE.store(encode(isa), Ordering::Relaxed);
+    isa
+}
+
+/// Forces every kernel onto `isa` (process-wide). Errors if the CPU cannot run it.
+pub fn force_isa(isa: Isa) -> Result<(), KernelError> {
+    if !isa.is_supported() {
+        return Err(KernelError::IsaUnavailable(isa.name()));
+    }
+    ACTIVE.store(encode(isa), Ordering::Relaxed);
+    Ok(())
+}

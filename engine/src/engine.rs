@@ -1,0 +1,178 @@
+//! [`Engine`]: a loaded model, its tokenizer and its thread pool.
+
+use std::path::{Path, PathBuf};
+
+use hetmoe_storage::{open_model_dir, ModelSpec};
+
+use crate::error::{EngineError, EngineResult};
+use crate::forward::{self, BatchItem, ForwardObserver, LogitsMode, NoObserver};
+use crate::kv_cache::Sequence;
+use crate::tokenizer::TextTokenizer;
+use crate::weights::{self, ModelWeights};
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Compute threads (default: all cores).
+    pub threads: Option<usize>,
+}
+
+/// Spec and weights: everything the forward pass reads. Immutable once loaded.
+#[derive(Debug)]
+pub(crate) struct Model {
+    pub spec: ModelSpec,
+    pub weights: ModelWeights,
+    /// RoPE inverse frequencies, `rotary_dim / 2`.
+    pub inv_freq: Vec<f32>,
+}
+
+/// A loaded model, ready to run sequences.
+///
+/// `Engine` is `Send + Sync`: weights are immutable after loading and all per-sequence
+/// state lives in [`Sequence`], so one engine can serve several threads (forward passes
+/// from different threads share its compute thread pool).
+#[derive(Debug)]
+pub struct Engine {
+    model: Model,
+    tokenizer: Option<TextTokenizer>,
+    pool: rayon::ThreadPool,
+    dir: PathBuf,
+}
+
+impl Engine {
+    /// Loads a Hugging Face model folder (`config.json`, safetensors, optional `tokenizer.json`).
+    pub fn load(dir: impl AsRef<Path>, options: EngineOptions) -> EngineResult<Self> {
+        let dir = dir.as_ref();
+        let (spec, ckpt) = open_model_dir(dir)?;
+        let weights = weights::load(&spec, &ckpt)?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = if tok_path.exists() {
+            Some(TextTokenizer::from_file(&tok_path)?)
+        } else {
+            None
+        };
+        if options.threads == Some(0) {
+            return Err(EngineError::InvalidOption {
+                option: "threads",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(options.threads.unwrap_or(0))
+            .thread_name(|i| format!("hetmoe-compute-{i}"))
+            .build()
+            .map_err(|e| EngineError::ThreadPool(e.to_string()))?;
+        let inv_freq = hetmoe_cpu_kernels::rope::inv_freq(spec.rope.theta, spec.rope.rotary_dim);
+        tracing::info!(
+            arch = spec.arch.model_type(),
+            layers = spec.n_layers,
+            threads = pool.current_num_threads(),
+            "model loaded"
+        );
+        Ok(Engine {
+            model: Model {
+                spec,
+                weights,
+                inv_freq,
+            },
+            tokenizer,
+            pool,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.model.spec
+    }
+
+    pub fn model_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    pub fn tokenizer(&self) -> Option<&TextTokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    /// Text → token ids with the folder's tokenizer.
+    pub fn encode(&self, text: &str) -> EngineResult<Vec<u32>> {
+        self.tokenizer
+            .as_ref()
+            .ok_or(EngineError::NoTokenizer)?
+            .encode(text)
+    }
+
+    /// Token ids → text (special tokens skipped).
+    pub fn decode(&self, ids: &[u32]) -> EngineResult<String> {
+        self.tokenizer
+            .as_ref()
+            .ok_or(EngineError::NoTokenizer)?
+            .decode(ids)
+    }
+
+    /// An empty sequence (KV cache) for this model.
+    pub fn new_sequence(&self) -> Sequence {
+        Sequence::new(&self.model.spec)
+    }
+
+    /// Feeds `tokens` to `seq` and returns logits (`[n, vocab]`, see [`LogitsMode`]).
+    pub fn forward(
+        &self,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        mode: LogitsMode,
+    ) -> EngineResult<Vec<f32>> {
+        let mut items = [BatchItem { seq, tokens }];
+        let mut out = self.forward_batch(&mut items, mode, &mut NoObserver)?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Feeds each item's tokens to its sequence in one batched pass; returns each item's
+    /// logits. Each sequence gets exactly the numbers it would get alone.
+    pub fn forward_batch(
+        &self,
+        items: &mut [BatchItem<'_>],
+        mode: LogitsMode,
+        observer: &mut (dyn ForwardObserver + Send),
+    ) -> EngineResult<Vec<Vec<f32>>> {
+        for item in items.iter() {
+            self.check_tokens(item.tokens, item.seq.len())?;
+            if item.tokens.is_empty() {
+                return Err(EngineError::EmptyPrompt);
+            }
+        }
+        for item in items.iter_mut() {
+            item.seq.reserve(item.tokens.len());
+        }
+        Ok(self
+            .pool
+            .install(|| forward::forward(&self.model, items, mode, observer)))
+    }
+
+    /// Checks ids against the vocabulary and the positions against the model's maximum.
+    pub(crate) fn check_tokens(&self, tokens: &[u32], already: usize) -> EngineResult<()> {
+        let spec = &self.model.spec;
+        if let Some((position, &token)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= spec.vocab)
+        {
+            return Err(EngineError::TokenOutOfRange {
+                token,
+                position: already + position,
+                vocab: spec.vocab,
+            });
+        }
+        let needed = already + tokens.len();
+        if needed > spec.max_positions {
+            return Err(EngineError::ContextTooLong {
+                needed,
+                max: spec.max_positions,
+            });
+        }
+        Ok(())
+    }
+}

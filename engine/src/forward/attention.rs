@@ -1,0 +1,113 @@
+//! Self-attention of one layer: projections (with optional bias), q/k RMSNorm, RoPE,
+//! append to each sequence's KV cache, causal GQA attention, output projection.
+
+use hetmoe_cpu_kernels::attention::{causal_attention, AttentionShape};
+use hetmoe_cpu_kernels::norm::rms_norm_inplace;
+use hetmoe_cpu_kernels::{matmul, rope};
+use hetmoe_storage::QkNorm;
+
+use super::BatchItem;
+use crate::engine::Model;
+use crate::weights::AttentionWeights;
+
+fn add_bias(y: &mut [f32], bias: Option<&Vec<f32>>) {
+    if let Some(b) = bias {
+        for row in y.chunks_exact_mut(b.len()) {
+            for (v, &bb) in row.iter_mut().zip(b) {
+                *v += bb;
+            }
+        }
+    }
+}
+
+/// `xn`: `[n_tokens, hidden]` over the batch → `out`: `[n_tokens, hidden]`.
+pub(crate) fn forward(
+    model: &Model,
+    layer: usize,
+    w: &AttentionWeights,
+    xn: &[f32],
+    items: &mut [BatchItem<'_>],
+    out: &mut [f32],
+) {
+    let spec = &model.spec;
+    let a = &spec.attention;
+    let (hd, qd, kvd) = (a.head_dim, a.q_dim(), a.kv_dim());
+    let n = xn.len() / spec.hidden;
+
+    let mut q = vec![0f32; n * qd]; // [n, n_heads * head_dim]
+    let mut k = vec![0f32; n * kvd]; // [n, n_kv_heads * head_dim]
+    let mut v = vec![0f32; n * kvd];
+    matmul(xn, w.q.mat(), &mut q);
+    matmul(xn, w.k.mat(), &mut k);
+    matmul(xn, w.v.mat(), &mut v);
+    add_bias(&mut q, w.q_bias.as_ref());
+    add_bias(&mut k, w.k_bias.as_ref());
+    add_bias(&mut v, w.v_bias.as_ref());
+
+    match (a.qk_norm, &w.q_norm, &w.k_norm) {
+        (QkNorm::PerHead, Some(qn), Some(kn)) => {
+            q.chunks_exact_mut(hd)
+                .for_each(|h| rms_norm_inplace(h, qn, spec.rms_norm_eps));
+            k.chunks_exact_mut(hd)
+                .for_each(|h| rms_norm_inplace(h, kn, spec.rms_norm_eps));
+        }
+        (QkNorm::Full, Some(qn), Some(kn)) => {
+            q.chunks_exact_mut(qd)
+                .for_each(|r| rms_norm_inplace(r, qn, spec.rms_norm_eps));
+            k.chunks_exact_mut(kvd)
+                .for_each(|r| rms_norm_inplace(r, kn, spec.rms_norm_eps));
+        }
+        _ => {}
+    }
+    if let Some(c) = a.clip_qkv {
+        for t in [&mut q, &mut k, &mut v] {
+            t.iter_mut().for_each(|x| *x = x.clamp(-c, c));
+        }
+    }
+
+    // RoPE at each token's absolute position in its own sequence.
+    let half = spec.rope.rotary_dim / 2;
+    let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
+    let mut t = 0;
+    for item in items.iter() {
+        for i in 0..item.tokens.len() {
+            rope::cos_sin(item.seq.len() + i, &model.inv_freq, &mut cos, &mut sin);
+            q[t * qd..(t + 1) * qd]
+                .chunks_exact_mut(hd)
+                .for_each(|h| rope::apply_rotate_half(h, &cos, &sin));
+            k[t * kvd..(t + 1) * kvd]
+                .chunks_exact_mut(hd)
+                .for_each(|h| rope::apply_rotate_half(h, &cos, &sin));
+            t += 1;
+        }
+    }
+
+    let shape = AttentionShape {
+        n_heads: a.n_heads,
+        n_kv_heads: a.n_kv_heads,
+        head_dim: hd,
+        scale: (hd as f64).powf(-0.5) as f32,
+        window: a.sliding_window,
+    };
+    let mut ctx = vec![0f32; n * qd]; // [n, n_heads * head_dim]
+    let mut t0 = 0;
+    for item in items.iter_mut() {
+        let m = item.tokens.len();
+        let pos0 = item.seq.len();
+        let cache = &mut item.seq.layers[layer];
+        cache.k.extend_from_slice(&k[t0 * kvd..(t0 + m) * kvd]);
+        cache.v.extend_from_slice(&v[t0 * kvd..(t0 + m) * kvd]);
+        causal_attention(
+            shape,
+            &q[t0 * qd..(t0 + m) * qd],
+            &cache.k,
+            &cache.v,
+            pos0,
+            &mut ctx[t0 * qd..(t0 + m) * qd],
+        );
+        t0 += m;
+    }
+
+    matmul(&ctx, w.o.mat(), out);
+    add_bias(out, w.o_bias.as_ref());
+}
