@@ -4,9 +4,7 @@
 mod common;
 
 use common::*;
-use hetmoe::{
-    BatchItem, Engine, EngineOptions, ForwardObserver, GenerateOptions, LogitsMode, Routing,
-};
+use hetmoe::{BatchItem, Engine, EngineOptions, ForwardObserver, GenerateOptions, LogitsMode, Routing};
 
 /// Records the named activations of one forward pass.
 #[derive(Default)]
@@ -42,14 +40,8 @@ fn load(arch: &str) -> Engine {
 fn run_recorded(engine: &Engine, ids: &[u32]) -> (Vec<f32>, Recorder) {
     let mut seq = engine.new_sequence();
     let mut rec = Recorder::default();
-    let mut items = [BatchItem {
-        seq: &mut seq,
-        tokens: ids,
-    }];
-    let logits = engine
-        .forward_batch(&mut items, LogitsMode::All, &mut rec)
-        .unwrap()
-        .remove(0);
+    let mut items = [BatchItem { seq: &mut seq, tokens: ids }];
+    let logits = engine.forward_batch(&mut items, LogitsMode::All, &mut rec).unwrap().remove(0);
     (logits, rec)
 }
 
@@ -63,19 +55,11 @@ fn check_routing(
 ) {
     let want_ids = r.get(ids_name).usize();
     let want_w = &r.get(weights_name).f32;
-    assert_eq!(
-        rec.moe_layers,
-        r.get("moe_layers").usize(),
-        "{arch}: MoE layers"
-    );
+    assert_eq!(rec.moe_layers, r.get("moe_layers").usize(), "{arch}: MoE layers");
     let per_layer = want_ids.len() / rec.routing.len();
     for (m, routing) in rec.routing.iter().enumerate() {
         let span = m * per_layer..(m + 1) * per_layer;
-        assert_eq!(
-            routing.expert_ids,
-            want_ids[span.clone()],
-            "{arch}: {ids_name} of MoE layer {m}"
-        );
+        assert_eq!(routing.expert_ids, want_ids[span.clone()], "{arch}: {ids_name} of MoE layer {m}");
         assert_close(
             &format!("{arch}: {weights_name} layer {m}"),
             &routing.weights,
@@ -110,11 +94,7 @@ fn prefill_matches_reference_for_every_architecture() {
         eprintln!("{arch}: prefill logits max abs diff {d:e}");
         let hs = r.get("hidden_states");
         let per = hs.f32.len() / hs.shape[0];
-        assert_eq!(
-            rec.hidden.len(),
-            hs.shape[0],
-            "{arch}: number of hidden states"
-        );
+        assert_eq!(rec.hidden.len(), hs.shape[0], "{arch}: number of hidden states");
         for (i, h) in rec.hidden.iter().enumerate() {
             assert_close(
                 &format!("{arch}: hidden state {i}"),
@@ -132,27 +112,10 @@ fn prefill_matches_reference_for_every_architecture() {
         let (mi, mo) = (&r.get("moe_input").f32, &r.get("moe_output").f32);
         for (m, (inp, out)) in rec.moe_input.iter().zip(&rec.moe_output).enumerate() {
             let n = inp.len();
-            assert_close(
-                &format!("{arch}: moe input {m}"),
-                inp,
-                &mi[m * n..(m + 1) * n],
-                HIDDEN_TOL,
-            );
-            assert_close(
-                &format!("{arch}: moe output {m}"),
-                out,
-                &mo[m * n..(m + 1) * n],
-                HIDDEN_TOL,
-            );
+            assert_close(&format!("{arch}: moe input {m}"), inp, &mi[m * n..(m + 1) * n], HIDDEN_TOL);
+            assert_close(&format!("{arch}: moe output {m}"), out, &mo[m * n..(m + 1) * n], HIDDEN_TOL);
         }
-        check_routing(
-            arch,
-            &rec,
-            &r,
-            "router_topk_ids",
-            "router_topk_weights",
-            true,
-        );
+        check_routing(arch, &rec, &r, "router_topk_ids", "router_topk_weights", true);
     }
 }
 
@@ -193,21 +156,9 @@ fn full_recompute_matches_reference_routing_at_every_position() {
         let r = Reference::load(arch);
         let engine = load(arch);
         let (logits, rec) = run_recorded(&engine, &r.get("full_ids").ids());
-        let d = assert_close(
-            &format!("{arch}: full logits"),
-            &logits,
-            &r.get("full_logits").f32,
-            LOGITS_TOL,
-        );
+        let d = assert_close(&format!("{arch}: full logits"), &logits, &r.get("full_logits").f32, LOGITS_TOL);
         eprintln!("{arch}: full-recompute logits max abs diff {d:e}");
-        check_routing(
-            arch,
-            &rec,
-            &r,
-            "full_router_topk_ids",
-            "full_router_topk_weights",
-            false,
-        );
+        check_routing(arch, &rec, &r, "full_router_topk_ids", "full_router_topk_weights", false);
     }
 }
 
@@ -219,9 +170,7 @@ fn decode_in_pieces_equals_one_prefill_bit_for_bit() {
     let mut whole = engine.new_sequence();
     let all = engine.forward(&mut whole, &ids, LogitsMode::All).unwrap();
     let mut seq = engine.new_sequence();
-    let mut pieces = engine
-        .forward(&mut seq, &ids[..10], LogitsMode::All)
-        .unwrap();
+    let mut pieces = engine.forward(&mut seq, &ids[..10], LogitsMode::All).unwrap();
     for chunk in ids[10..].chunks(7) {
         pieces.extend(engine.forward(&mut seq, chunk, LogitsMode::All).unwrap());
     }
@@ -233,18 +182,10 @@ fn decode_in_pieces_equals_one_prefill_bit_for_bit() {
 fn sharded_checkpoint_equals_single_file() {
     let r = Reference::load("mixtral");
     let single = load("mixtral");
-    let sharded = Engine::load(
-        fixture("mixtral").join("model_sharded"),
-        EngineOptions::default(),
-    )
-    .unwrap();
+    let sharded = Engine::load(fixture("mixtral").join("model_sharded"), EngineOptions::default()).unwrap();
     let ids = r.get("prompt_ids").ids();
-    let a = single
-        .forward(&mut single.new_sequence(), &ids, LogitsMode::All)
-        .unwrap();
-    let b = sharded
-        .forward(&mut sharded.new_sequence(), &ids, LogitsMode::All)
-        .unwrap();
+    let a = single.forward(&mut single.new_sequence(), &ids, LogitsMode::All).unwrap();
+    let b = sharded.forward(&mut sharded.new_sequence(), &ids, LogitsMode::All).unwrap();
     assert_eq!(a, b, "sharded and single-file logits differ");
 }
 
@@ -277,11 +218,7 @@ fn batch_of_different_lengths_matches_reference_and_single_runs() {
     let want_prefill = &r.get("batch.prefill_logits").f32;
     let vocab = engine.spec().vocab;
     for (row, g) in batched.iter().enumerate() {
-        assert_eq!(
-            g.generated_ids,
-            want_ids[row * n_new..(row + 1) * n_new],
-            "batch row {row} tokens"
-        );
+        assert_eq!(g.generated_ids, want_ids[row * n_new..(row + 1) * n_new], "batch row {row} tokens");
         let steps = &want_steps[row * n_new * vocab..(row + 1) * n_new * vocab];
         assert_close(
             &format!("batch row {row} step logits"),
@@ -297,22 +234,10 @@ fn batch_of_different_lengths_matches_reference_and_single_runs() {
             pre,
             LOGITS_TOL,
         );
-        let alone = engine
-            .generate_batch(&prompts[row..row + 1], &opts)
-            .unwrap()
-            .remove(0);
-        assert_eq!(
-            alone.generated_ids, g.generated_ids,
-            "row {row}: batched vs alone tokens"
-        );
-        assert_eq!(
-            alone.step_logits, g.step_logits,
-            "row {row}: batched vs alone logits must be identical"
-        );
-        assert_eq!(
-            alone.prompt_logits, g.prompt_logits,
-            "row {row}: batched vs alone prefill logits"
-        );
+        let alone = engine.generate_batch(&prompts[row..row + 1], &opts).unwrap().remove(0);
+        assert_eq!(alone.generated_ids, g.generated_ids, "row {row}: batched vs alone tokens");
+        assert_eq!(alone.step_logits, g.step_logits, "row {row}: batched vs alone logits must be identical");
+        assert_eq!(alone.prompt_logits, g.prompt_logits, "row {row}: batched vs alone prefill logits");
     }
 }
 
@@ -321,15 +246,9 @@ fn thread_count_does_not_change_logits() {
     let r = Reference::load("olmoe");
     let ids = r.get("full_ids").ids();
     let run = |threads| {
-        let e = Engine::load(
-            fixture("olmoe").join("model"),
-            EngineOptions {
-                threads: Some(threads),
-            },
-        )
-        .unwrap();
-        e.forward(&mut e.new_sequence(), &ids, LogitsMode::All)
-            .unwrap()
+        let e =
+            Engine::load(fixture("olmoe").join("model"), EngineOptions { threads: Some(threads), ..Default::default() }).unwrap();
+        e.forward(&mut e.new_sequence(), &ids, LogitsMode::All).unwrap()
     };
     assert_eq!(run(1), run(3));
 }

@@ -20,14 +20,7 @@ pub struct AttentionShape {
 /// `k`, `v`: `[n_kv, n_kv_heads * head_dim]` for positions `0 .. n_kv` (`n_kv ≥ pos0 + n_q`);
 /// `out`: `[n_q, n_heads * head_dim]`. Parallel over (query, head); each output is computed
 /// by one task in a fixed order.
-pub fn causal_attention(
-    s: AttentionShape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    pos0: usize,
-    out: &mut [f32],
-) {
+pub fn causal_attention(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], pos0: usize, out: &mut [f32]) {
     let hd = s.head_dim;
     let q_stride = s.n_heads * hd;
     let kv_stride = s.n_kv_heads * hd;
@@ -36,11 +29,7 @@ pub fn causal_attention(
     }
     let n_q = q.len() / q_stride;
     let n_kv = k.len() / kv_stride.max(1);
-    assert!(
-        n_kv >= pos0 + n_q,
-        "KV cache holds {n_kv} positions, queries reach {}",
-        pos0 + n_q
-    );
+    assert!(n_kv >= pos0 + n_q, "KV cache holds {n_kv} positions, queries reach {}", pos0 + n_q);
     assert_eq!(out.len(), q.len());
     let group = s.n_heads / s.n_kv_heads;
     out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {

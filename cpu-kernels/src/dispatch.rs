@@ -45,10 +45,7 @@ impl Isa {
 
     /// Every ISA this CPU can run, scalar first.
     pub fn all_supported() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
-            .into_iter()
-            .filter(|i| i.is_supported())
-            .collect()
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.is_supported()).collect()
     }
 
     fn best() -> Isa {
@@ -64,9 +61,7 @@ impl Isa {
 
 #[cfg(target_arch = "x86_64")]
 fn detect_avx2() -> bool {
-    is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
 }
 #[cfg(not(target_arch = "x86_64"))]
 fn detect_avx2() -> bool {
@@ -109,10 +104,7 @@ pub fn active_isa() -> Isa {
         Ok(s) => match Isa::parse(&s) {
             Ok(i) if i.is_supported() => i,
             Ok(i) => {
-                eprintln!(
-                    "hetmoe: HETMOE_ISA={} is not supported by this CPU; detecting",
-                    i.name()
-                );
+                eprintln!("hetmoe: HETMOE_ISA={} is not supported by this CPU; detecting", i.name());
                 Isa::best()
             }
             Err(e) => {

@@ -2,10 +2,7 @@
 
 /// Normalizes `x` into `out` (same length as `w`).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    assert!(
-        x.len() == w.len() && out.len() == w.len(),
-        "rms_norm length mismatch"
-    );
+    assert!(x.len() == w.len() && out.len() == w.len(), "rms_norm length mismatch");
     let inv = inv_rms(x, eps);
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
         *o = g * (v * inv);

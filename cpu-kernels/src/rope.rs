@@ -3,9 +3,7 @@
 
 /// Inverse frequencies `1 / theta^(2i/d)` computed in f32, `d/2` of them.
 pub fn inv_freq(theta: f32, rotary_dim: usize) -> Vec<f32> {
-    (0..rotary_dim / 2)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / rotary_dim as f32))
-        .collect()
+    (0..rotary_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / rotary_dim as f32)).collect()
 }
 
 /// cos and sin of `position * inv_freq`, each `d/2` long.
@@ -21,10 +19,7 @@ pub fn cos_sin(position: usize, inv_freq: &[f32], cos: &mut [f32], sin: &mut [f3
 /// Rotates the first `2 * cos.len()` dimensions of one head vector in place.
 pub fn apply_rotate_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = cos.len();
-    assert!(
-        x.len() >= 2 * half && sin.len() == half,
-        "rope length mismatch"
-    );
+    assert!(x.len() >= 2 * half && sin.len() == half, "rope length mismatch");
     for i in 0..half {
         let (a, b) = (x[i], x[i + half]);
         x[i] = a * cos[i] - b * sin[i];

@@ -8,13 +8,15 @@ use crate::error::{EngineError, EngineResult};
 use crate::forward::{self, BatchItem, ForwardObserver, LogitsMode, NoObserver};
 use crate::kv_cache::Sequence;
 use crate::tokenizer::TextTokenizer;
-use crate::weights::{self, ModelWeights};
+use crate::weights::{self, ModelWeights, WeightFormat};
 
 /// How to load a model.
 #[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
     /// Compute threads (default: all cores).
     pub threads: Option<usize>,
+    /// How matrices are held in memory (default: as stored).
+    pub weights: WeightFormat,
 }
 
 /// Spec and weights: everything the forward pass reads. Immutable once loaded.
@@ -44,13 +46,9 @@ impl Engine {
     pub fn load(dir: impl AsRef<Path>, options: EngineOptions) -> EngineResult<Self> {
         let dir = dir.as_ref();
         let (spec, ckpt) = open_model_dir(dir)?;
-        let weights = weights::load(&spec, &ckpt)?;
+        let weights = weights::load(&spec, &ckpt, options.weights)?;
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer = if tok_path.exists() {
-            Some(TextTokenizer::from_file(&tok_path)?)
-        } else {
-            None
-        };
+        let tokenizer = if tok_path.exists() { Some(TextTokenizer::from_file(&tok_path)?) } else { None };
         if options.threads == Some(0) {
             return Err(EngineError::InvalidOption {
                 option: "threads",
@@ -69,16 +67,7 @@ impl Engine {
             threads = pool.current_num_threads(),
             "model loaded"
         );
-        Ok(Engine {
-            model: Model {
-                spec,
-                weights,
-                inv_freq,
-            },
-            tokenizer,
-            pool,
-            dir: dir.to_path_buf(),
-        })
+        Ok(Engine { model: Model { spec, weights, inv_freq }, tokenizer, pool, dir: dir.to_path_buf() })
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -99,18 +88,12 @@ impl Engine {
 
     /// Text → token ids with the folder's tokenizer.
     pub fn encode(&self, text: &str) -> EngineResult<Vec<u32>> {
-        self.tokenizer
-            .as_ref()
-            .ok_or(EngineError::NoTokenizer)?
-            .encode(text)
+        self.tokenizer.as_ref().ok_or(EngineError::NoTokenizer)?.encode(text)
     }
 
     /// Token ids → text (special tokens skipped).
     pub fn decode(&self, ids: &[u32]) -> EngineResult<String> {
-        self.tokenizer
-            .as_ref()
-            .ok_or(EngineError::NoTokenizer)?
-            .decode(ids)
+        self.tokenizer.as_ref().ok_or(EngineError::NoTokenizer)?.decode(ids)
     }
 
     /// An empty sequence (KV cache) for this model.
@@ -119,12 +102,7 @@ impl Engine {
     }
 
     /// Feeds `tokens` to `seq` and returns logits (`[n, vocab]`, see [`LogitsMode`]).
-    pub fn forward(
-        &self,
-        seq: &mut Sequence,
-        tokens: &[u32],
-        mode: LogitsMode,
-    ) -> EngineResult<Vec<f32>> {
+    pub fn forward(&self, seq: &mut Sequence, tokens: &[u32], mode: LogitsMode) -> EngineResult<Vec<f32>> {
         let mut items = [BatchItem { seq, tokens }];
         let mut out = self.forward_batch(&mut items, mode, &mut NoObserver)?;
         Ok(out.pop().unwrap_or_default())
@@ -147,19 +125,13 @@ impl Engine {
         for item in items.iter_mut() {
             item.seq.reserve(item.tokens.len());
         }
-        Ok(self
-            .pool
-            .install(|| forward::forward(&self.model, items, mode, observer)))
+        Ok(self.pool.install(|| forward::forward(&self.model, items, mode, observer)))
     }
 
     /// Checks ids against the vocabulary and the positions against the model's maximum.
     pub(crate) fn check_tokens(&self, tokens: &[u32], already: usize) -> EngineResult<()> {
         let spec = &self.model.spec;
-        if let Some((position, &token)) = tokens
-            .iter()
-            .enumerate()
-            .find(|(_, &t)| t as usize >= spec.vocab)
-        {
+        if let Some((position, &token)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= spec.vocab) {
             return Err(EngineError::TokenOutOfRange {
                 token,
                 position: already + position,
@@ -168,10 +140,7 @@ impl Engine {
         }
         let needed = already + tokens.len();
         if needed > spec.max_positions {
-            return Err(EngineError::ContextTooLong {
-                needed,
-                max: spec.max_positions,
-            });
+            return Err(EngineError::ContextTooLong { needed, max: spec.max_positions });
         }
         Ok(())
     }

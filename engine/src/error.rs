@@ -7,22 +7,13 @@ pub enum EngineError {
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("token id {token} at prompt position {position} is outside the vocabulary of {vocab}")]
-    TokenOutOfRange {
-        token: u32,
-        position: usize,
-        vocab: usize,
-    },
+    TokenOutOfRange { token: u32, position: usize, vocab: usize },
     #[error("the prompt is empty")]
     EmptyPrompt,
-    #[error(
-        "{needed} positions are needed but the model supports {max} (max_position_embeddings)"
-    )]
+    #[error("{needed} positions are needed but the model supports {max} (max_position_embeddings)")]
     ContextTooLong { needed: usize, max: usize },
     #[error("invalid option {option}: {reason}")]
-    InvalidOption {
-        option: &'static str,
-        reason: String,
-    },
+    InvalidOption { option: &'static str, reason: String },
     #[error("the model folder has no tokenizer.json; pass token ids instead of text")]
     NoTokenizer,
     #[error("tokenizer: {0}")]

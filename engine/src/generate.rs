@@ -91,10 +91,7 @@ impl Engine {
         self.check_tokens(prompt, 0)?;
         let needed = prompt.len() + opts.max_new_tokens;
         if needed > self.spec().max_positions {
-            return Err(EngineError::ContextTooLong {
-                needed,
-                max: self.spec().max_positions,
-            });
+            return Err(EngineError::ContextTooLong { needed, max: self.spec().max_positions });
         }
         Ok(())
     }
@@ -159,15 +156,8 @@ impl Engine {
         for p in prompts {
             self.validate(p, opts)?;
         }
-        let stop = opts
-            .stop_tokens
-            .clone()
-            .unwrap_or_else(|| self.spec().eos_token_ids.clone());
-        let mode = if opts.keep_logits {
-            LogitsMode::All
-        } else {
-            LogitsMode::Last
-        };
+        let stop = opts.stop_tokens.clone().unwrap_or_else(|| self.spec().eos_token_ids.clone());
+        let mode = if opts.keep_logits { LogitsMode::All } else { LogitsMode::Last };
         let vocab = self.spec().vocab;
         let mut runs: Vec<Running> = prompts
             .iter()
@@ -197,14 +187,8 @@ impl Engine {
         // Prefill.
         let t0 = Instant::now();
         let logits = {
-            let mut items: Vec<BatchItem<'_>> = runs
-                .iter_mut()
-                .zip(prompts)
-                .map(|(r, p)| BatchItem {
-                    seq: &mut r.seq,
-                    tokens: p,
-                })
-                .collect();
+            let mut items: Vec<BatchItem<'_>> =
+                runs.iter_mut().zip(prompts).map(|(r, p)| BatchItem { seq: &mut r.seq, tokens: p }).collect();
             self.forward_batch(&mut items, mode, &mut NoObserver)?
         };
         let prefill_s = t0.elapsed().as_secs_f64();
@@ -226,19 +210,14 @@ impl Engine {
             if active.is_empty() {
                 break;
             }
-            let feed: Vec<[u32; 1]> = active
-                .iter()
-                .map(|&i| [*runs[i].gen.generated_ids.last().unwrap_or(&0)])
-                .collect();
+            let feed: Vec<[u32; 1]> =
+                active.iter().map(|&i| [*runs[i].gen.generated_ids.last().unwrap_or(&0)]).collect();
             let logits = {
                 let mut items: Vec<BatchItem<'_>> = runs
                     .iter_mut()
                     .filter(|r| !r.done)
                     .zip(&feed)
-                    .map(|(r, f)| BatchItem {
-                        seq: &mut r.seq,
-                        tokens: f,
-                    })
+                    .map(|(r, f)| BatchItem { seq: &mut r.seq, tokens: f })
                     .collect();
                 self.forward_batch(&mut items, LogitsMode::Last, &mut NoObserver)?
             };

@@ -43,10 +43,7 @@ impl Sequence {
 
     /// Bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| (l.k.len() + l.v.len()) * 4)
-            .sum()
+        self.layers.iter().map(|l| (l.k.len() + l.v.len()) * 4).sum()
     }
 
     /// Reserves room for `positions` more positions in every layer.

@@ -30,3 +30,4 @@ pub use hetmoe_storage::{Architecture, ModelSpec};
 pub use kv_cache::Sequence;
 pub use sampling::Sampling;
 pub use tokenizer::TextTokenizer;
+pub use weights::WeightFormat;

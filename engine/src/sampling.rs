@@ -19,12 +19,7 @@ pub struct Sampling {
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        }
+        Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
     }
 }
 
@@ -60,11 +55,7 @@ pub(crate) struct Sampler {
 
 impl Sampler {
     pub(crate) fn new(cfg: &Sampling) -> Self {
-        Sampler {
-            cfg: cfg.clone(),
-            rng: ChaCha8Rng::seed_from_u64(cfg.seed),
-            scratch: Vec::new(),
-        }
+        Sampler { cfg: cfg.clone(), rng: ChaCha8Rng::seed_from_u64(cfg.seed), scratch: Vec::new() }
     }
 
     pub(crate) fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -134,12 +125,7 @@ mod tests {
     #[test]
     fn seeded_sampling_repeats_and_respects_top_k() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let cfg = Sampling {
-            temperature: 0.8,
-            top_k: 5,
-            top_p: 1.0,
-            seed: 7,
-        };
+        let cfg = Sampling { temperature: 0.8, top_k: 5, top_p: 1.0, seed: 7 };
         let (mut a, mut b) = (Sampler::new(&cfg), Sampler::new(&cfg));
         let mut top5: Vec<u32> = (0..50).collect();
         top5.sort_by(|&x, &y| logits[y as usize].total_cmp(&logits[x as usize]));
@@ -154,12 +140,7 @@ mod tests {
     #[test]
     fn tiny_top_p_is_greedy() {
         let logits = [0.0f32, 5.0, 1.0, 4.9];
-        let mut s = Sampler::new(&Sampling {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1e-6,
-            seed: 3,
-        });
+        let mut s = Sampler::new(&Sampling { temperature: 1.0, top_k: 0, top_p: 1e-6, seed: 3 });
         for _ in 0..20 {
             assert_eq!(s.sample(&logits), 1);
         }
@@ -167,17 +148,7 @@ mod tests {
 
     #[test]
     fn bad_options_are_errors() {
-        assert!(Sampling {
-            temperature: -1.0,
-            ..Sampling::default()
-        }
-        .validate()
-        .is_err());
-        assert!(Sampling {
-            top_p: 0.0,
-            ..Sampling::default()
-        }
-        .validate()
-        .is_err());
+        assert!(Sampling { temperature: -1.0, ..Sampling::default() }.validate().is_err());
+        assert!(Sampling { top_p: 0.0, ..Sampling::default() }.validate().is_err());
     }
 }

@@ -18,18 +18,13 @@ impl TextTokenizer {
     }
 
     pub fn encode(&self, text: &str) -> EngineResult<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let enc = self.inner.encode(text, true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Decodes ids to text, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> EngineResult<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+        self.inner.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 }
 
@@ -45,10 +40,7 @@ impl StreamDecoder {
     pub(crate) fn push(&mut self, tok: &TextTokenizer, id: u32) -> EngineResult<Option<String>> {
         self.ids.push(id);
         let text = tok.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}')
-            || text.len() <= self.emitted
-            || !text.is_char_boundary(self.emitted)
-        {
+        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
             return Ok(None);
         }
         let piece = text[self.emitted..].to_string();

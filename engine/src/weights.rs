@@ -4,6 +4,8 @@
 //! (the usual case); small vectors (norms, biases) are converted to f32.
 
 use half::{bf16, f16};
+use hetmoe_cpu_kernels::moe::ExpertRef;
+use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
 use hetmoe_cpu_kernels::{MatRef, WeightsRef};
 use hetmoe_storage::{Checkpoint, DType, FfnKind, ModelSpec, Tensor, WeightKey};
 
@@ -25,6 +27,32 @@ enum Store {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
     F16(Vec<f16>),
+    Q8(Vec<BlockQ8>),
+    Q4(Vec<BlockQ4>),
+}
+
+/// How matrices are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// As stored in the checkpoint (bf16, f16 or f32), zero-copy where possible.
+    #[default]
+    AsStored,
+    /// 8-bit, blocks of 32 with an f16 scale, quantized at load.
+    Q8,
+    /// 4-bit, blocks of 32 with an f16 scale, quantized at load.
+    Q4,
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bf16" | "f16" | "f32" | "stored" => Ok(WeightFormat::AsStored),
+            "q8" => Ok(WeightFormat::Q8),
+            "q4" => Ok(WeightFormat::Q4),
+            other => Err(format!("unknown weight format {other:?} (bf16, q8, q4)")),
+        }
+    }
 }
 
 impl Linear {
@@ -58,8 +86,62 @@ impl Linear {
             Store::F32(v) => WeightsRef::F32(v),
             Store::Bf16(v) => WeightsRef::Bf16(v),
             Store::F16(v) => WeightsRef::F16(v),
+            Store::Q8(v) => WeightsRef::Q8(v),
+            Store::Q4(v) => WeightsRef::Q4(v),
         };
         MatRef::new(data, self.rows, self.cols).expect("shape checked at load")
+    }
+
+    /// `[cols, rows]`, same dtype, owned (down projections are kept transposed so that
+    /// row j holds what intermediate neuron j contributes).
+    fn transposed(&self) -> Linear {
+        let (r, c) = (self.rows, self.cols);
+        let m = self.mat();
+        let mut row = vec![0f32; c];
+        let mut t = vec![0f32; r * c];
+        for i in 0..r {
+            m.row_to_f32(i, &mut row);
+            for (j, &v) in row.iter().enumerate() {
+                t[j * r + i] = v;
+            }
+        }
+        // Converting back to the stored dtype is exact: the values came from it.
+        let store = match m.data() {
+            WeightsRef::Bf16(_) => Store::Bf16(t.iter().map(|&v| bf16::from_f32(v)).collect()),
+            WeightsRef::F16(_) => Store::F16(t.iter().map(|&v| f16::from_f32(v)).collect()),
+            _ => Store::F32(t),
+        };
+        Linear { store, rows: c, cols: r }
+    }
+
+    /// The matrix quantized row by row into `format` (rows whose length is not a multiple
+    /// of 32 stay as they are).
+    fn quantized(self, format: WeightFormat) -> Linear {
+        if format == WeightFormat::AsStored || self.cols % QK != 0 {
+            return self;
+        }
+        let m = self.mat();
+        let nb = self.cols / QK;
+        let mut row = vec![0f32; self.cols];
+        let store = match format {
+            WeightFormat::Q8 => {
+                let mut blocks = vec![BlockQ8 { d: f16::ZERO, qs: [0; QK] }; self.rows * nb];
+                for (r, b) in blocks.chunks_exact_mut(nb).enumerate() {
+                    m.row_to_f32(r, &mut row);
+                    quantize_q8(&row, b);
+                }
+                Store::Q8(blocks)
+            }
+            _ => {
+                let mut blocks = vec![BlockQ4 { d: f16::ZERO, qs: [0; QK / 2] }; self.rows * nb];
+                for (r, b) in blocks.chunks_exact_mut(nb).enumerate() {
+                    m.row_to_f32(r, &mut row);
+                    quantize_q4(&row, b);
+                }
+                Store::Q4(blocks)
+            }
+        };
+        Linear { store, rows: self.rows, cols: self.cols }
     }
 
     pub(crate) fn rows(&self) -> usize {
@@ -67,13 +149,19 @@ impl Linear {
     }
 }
 
-/// gate `[ffn, hidden]`, up `[ffn, hidden]`, down `[hidden, ffn]`: one SwiGLU MLP, the unit
-/// in which an expert is computed.
+/// One SwiGLU MLP as the expert kernel reads it: gate `[ffn, hidden]`, up `[ffn, hidden]`,
+/// and down transposed, `[ffn, hidden]`. The unit in which an expert is computed.
 #[derive(Debug, Clone)]
 pub(crate) struct Mlp {
     pub gate: Linear,
     pub up: Linear,
-    pub down: Linear,
+    pub down_t: Linear,
+}
+
+impl Mlp {
+    pub(crate) fn expert(&self) -> ExpertRef<'_> {
+        ExpertRef::new(self.gate.mat(), self.up.mat(), self.down_t.mat()).expect("shapes checked at load")
+    }
 }
 
 #[derive(Debug)]
@@ -131,20 +219,20 @@ impl ModelWeights {
 struct Loader<'a> {
     spec: &'a ModelSpec,
     ckpt: &'a Checkpoint,
+    format: WeightFormat,
 }
 
 impl Loader<'_> {
     fn tensor(&self, key: WeightKey, shape: &[usize]) -> EngineResult<Tensor> {
-        Ok(self
-            .ckpt
-            .tensor_with_shape(&key.name(self.spec.arch), shape)?)
+        Ok(self.ckpt.tensor_with_shape(&key.name(self.spec.arch), shape)?)
     }
+    /// A projection, in the requested weight format.
+    fn proj(&self, key: WeightKey, rows: usize, cols: usize) -> EngineResult<Linear> {
+        Ok(self.linear(key, rows, cols)?.quantized(self.format))
+    }
+    /// A matrix kept exactly as stored (embeddings, routers, gates).
     fn linear(&self, key: WeightKey, rows: usize, cols: usize) -> EngineResult<Linear> {
-        Ok(Linear::from_tensor(
-            self.tensor(key, &[rows, cols])?,
-            rows,
-            cols,
-        ))
+        Ok(Linear::from_tensor(self.tensor(key, &[rows, cols])?, rows, cols))
     }
     fn vector(&self, key: WeightKey, len: usize) -> EngineResult<Vec<f32>> {
         Ok(self.tensor(key, &[len])?.to_f32_vec())
@@ -152,17 +240,17 @@ impl Loader<'_> {
     fn mlp(&self, keys: [WeightKey; 3], ffn: usize) -> EngineResult<Mlp> {
         let h = self.spec.hidden;
         Ok(Mlp {
-            gate: self.linear(keys[0], ffn, h)?,
-            up: self.linear(keys[1], ffn, h)?,
-            down: self.linear(keys[2], h, ffn)?,
+            gate: self.proj(keys[0], ffn, h)?,
+            up: self.proj(keys[1], ffn, h)?,
+            down_t: self.linear(keys[2], h, ffn)?.transposed().quantized(self.format),
         })
     }
 }
 
 /// Reads and shape-checks every weight the forward pass of `spec` uses.
-pub(crate) fn load(spec: &ModelSpec, ckpt: &Checkpoint) -> EngineResult<ModelWeights> {
+pub(crate) fn load(spec: &ModelSpec, ckpt: &Checkpoint, format: WeightFormat) -> EngineResult<ModelWeights> {
     use WeightKey::*;
-    let ld = Loader { spec, ckpt };
+    let ld = Loader { spec, ckpt, format };
     let (h, v) = (spec.hidden, spec.vocab);
     let a = &spec.attention;
     let (qd, kvd) = (a.q_dim(), a.kv_dim());
@@ -176,10 +264,10 @@ pub(crate) fn load(spec: &ModelSpec, ckpt: &Checkpoint) -> EngineResult<ModelWei
             }
         };
         let attn = AttentionWeights {
-            q: ld.linear(Q(l), qd, h)?,
-            k: ld.linear(K(l), kvd, h)?,
-            v: ld.linear(V(l), kvd, h)?,
-            o: ld.linear(O(l), h, qd)?,
+            q: ld.proj(Q(l), qd, h)?,
+            k: ld.proj(K(l), kvd, h)?,
+            v: ld.proj(V(l), kvd, h)?,
+            o: ld.proj(O(l), h, qd)?,
             q_bias: opt(a.qkv_bias, QBias(l), qd)?,
             k_bias: opt(a.qkv_bias, KBias(l), kvd)?,
             v_bias: opt(a.qkv_bias, VBias(l), kvd)?,
@@ -202,12 +290,7 @@ pub(crate) fn load(spec: &ModelSpec, ckpt: &Checkpoint) -> EngineResult<ModelWei
             FfnKind::Moe => {
                 let m = &spec.moe;
                 let experts = (0..m.n_experts)
-                    .map(|e| {
-                        ld.mlp(
-                            [ExpertGate(l, e), ExpertUp(l, e), ExpertDown(l, e)],
-                            m.expert_ffn,
-                        )
-                    })
+                    .map(|e| ld.mlp([ExpertGate(l, e), ExpertUp(l, e), ExpertDown(l, e)], m.expert_ffn))
                     .collect::<EngineResult<Vec<_>>>()?;
                 let shared = m
                     .shared_expert
@@ -233,15 +316,6 @@ pub(crate) fn load(spec: &ModelSpec, ckpt: &Checkpoint) -> EngineResult<ModelWei
             ffn,
         });
     }
-    let lm_head = if spec.tie_word_embeddings {
-        None
-    } else {
-        Some(ld.linear(LmHead, v, h)?)
-    };
-    Ok(ModelWeights {
-        embed: ld.linear(Embed, v, h)?,
-        final_norm: ld.vector(FinalNorm, h)?,
-        lm_head,
-        layers,
-    })
+    let lm_head = if spec.tie_word_embeddings { None } else { Some(ld.proj(LmHead, v, h)?) };
+    Ok(ModelWeights { embed: ld.linear(Embed, v, h)?, final_norm: ld.vector(FinalNorm, h)?, lm_head, layers })
 }

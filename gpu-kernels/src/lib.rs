@@ -20,7 +20,5 @@ pub enum GpuError {
 /// Looks for a usable CUDA device. Until the CUDA backend lands this always reports
 /// that hetmoe was built without one, so callers take their CPU path.
 pub fn probe() -> Result<(), GpuError> {
-    Err(GpuError::Unavailable(
-        "this build of hetmoe has no CUDA backend yet".into(),
-    ))
+    Err(GpuError::Unavailable("this build of hetmoe has no CUDA backend yet".into()))
 }

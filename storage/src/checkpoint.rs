@@ -48,20 +48,13 @@ impl Checkpoint {
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|e| StorageError::io(&index_path, e))?;
-            let index: ShardIndex =
-                serde_json::from_str(&text).map_err(|source| StorageError::Json {
-                    path: index_path.clone(),
-                    source,
-                })?;
+            let text = std::fs::read_to_string(&index_path).map_err(|e| StorageError::io(&index_path, e))?;
+            let index: ShardIndex = serde_json::from_str(&text)
+                .map_err(|source| StorageError::Json { path: index_path.clone(), source })?;
             let mut shard_names: Vec<&String> = index.weight_map.values().collect();
             shard_names.sort();
             shard_names.dedup();
-            let mut ckpt = Checkpoint {
-                files: Vec::new(),
-                entries: HashMap::new(),
-            };
+            let mut ckpt = Checkpoint { files: Vec::new(), entries: HashMap::new() };
             for name in shard_names {
                 if name.contains('/') || name.contains("..") {
                     return Err(StorageError::InvalidSafetensors {
@@ -74,32 +67,22 @@ impl Checkpoint {
             for (tensor, shard) in &index.weight_map {
                 let in_file = ckpt.entries.get(tensor).map(|e| &ckpt.files[e.file].path);
                 if in_file != Some(&dir.join(shard)) {
-                    return Err(StorageError::MissingTensor {
-                        name: format!("{tensor} (in {shard})"),
-                    });
+                    return Err(StorageError::MissingTensor { name: format!("{tensor} (in {shard})") });
                 }
             }
             Ok(ckpt)
         } else if single.exists() {
-            let mut ckpt = Checkpoint {
-                files: Vec::new(),
-                entries: HashMap::new(),
-            };
+            let mut ckpt = Checkpoint { files: Vec::new(), entries: HashMap::new() };
             ckpt.add_file(&single)?;
             Ok(ckpt)
         } else {
-            Err(StorageError::NoWeights {
-                path: dir.to_path_buf(),
-            })
+            Err(StorageError::NoWeights { path: dir.to_path_buf() })
         }
     }
 
     /// Opens one safetensors file on its own.
     pub fn open_file(path: impl AsRef<Path>) -> StorageResult<Self> {
-        let mut ckpt = Checkpoint {
-            files: Vec::new(),
-            entries: HashMap::new(),
-        };
+        let mut ckpt = Checkpoint { files: Vec::new(), entries: HashMap::new() };
         ckpt.add_file(path.as_ref())?;
         Ok(ckpt)
     }
@@ -110,17 +93,11 @@ impl Checkpoint {
         // a model is loaded (as every safetensors loader does); all reads go through
         // bounds-checked slices of the map.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| StorageError::io(path, e))?;
-        let bad = |reason: String| StorageError::InvalidSafetensors {
-            path: path.into(),
-            reason,
-        };
+        let bad = |reason: String| StorageError::InvalidSafetensors { path: path.into(), reason };
         // read_metadata checks the header length, the JSON, that offsets are contiguous and
         // match each shape and dtype, and that the file is exactly as long as the header says.
-        let (header_len, metadata) =
-            SafeTensors::read_metadata(&map[..]).map_err(|e| bad(format!("{e}")))?;
-        let data_start = header_len
-            .checked_add(8)
-            .ok_or_else(|| bad("header length overflows".into()))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&map[..]).map_err(|e| bad(format!("{e}")))?;
+        let data_start = header_len.checked_add(8).ok_or_else(|| bad("header length overflows".into()))?;
         let file_index = self.files.len();
         for (name, info) in metadata.tensors() {
             let (rel_start, rel_end) = info.data_offsets;
@@ -144,21 +121,10 @@ impl Checkpoint {
                 });
             }
             let dtype = DType::from_safetensors(info.dtype).ok_or(format!("{:?}", info.dtype));
-            self.entries.insert(
-                name,
-                Entry {
-                    file: file_index,
-                    dtype,
-                    shape: info.shape.clone(),
-                    start,
-                    end,
-                },
-            );
+            self.entries
+                .insert(name, Entry { file: file_index, dtype, shape: info.shape.clone(), start, end });
         }
-        self.files.push(MappedFile {
-            path: path.into(),
-            map: Arc::new(map),
-        });
+        self.files.push(MappedFile { path: path.into(), map: Arc::new(map) });
         Ok(())
     }
 
@@ -175,26 +141,14 @@ impl Checkpoint {
 
     /// The tensor called `name`, any shape.
     pub fn tensor(&self, name: &str) -> StorageResult<Tensor> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| StorageError::MissingTensor { name: name.into() })?;
-        let dtype = e
-            .dtype
-            .clone()
-            .map_err(|dtype| StorageError::UnsupportedDtype {
-                name: name.into(),
-                dtype,
-            })?;
+        let e = self.entries.get(name).ok_or_else(|| StorageError::MissingTensor { name: name.into() })?;
+        let dtype =
+            e.dtype.clone().map_err(|dtype| StorageError::UnsupportedDtype { name: name.into(), dtype })?;
         Ok(Tensor {
             name: name.into(),
             dtype,
             shape: e.shape.clone(),
-            data: TensorData::Mapped {
-                map: self.files[e.file].map.clone(),
-                start: e.start,
-                end: e.end,
-            },
+            data: TensorData::Mapped { map: self.files[e.file].map.clone(), start: e.start, end: e.end },
         })
     }
 

@@ -77,30 +77,21 @@ pub(crate) fn read_config(dir: &Path) -> StorageResult<ModelSpec> {
 
 /// Parses the text of a `config.json` into a validated [`ModelSpec`].
 pub fn parse_config(text: &str) -> StorageResult<ModelSpec> {
-    let raw: RawConfig = serde_json::from_str(text).map_err(|source| StorageError::Json {
-        path: "config.json".into(),
-        source,
-    })?;
-    let model_type = raw.model_type.clone().ok_or(StorageError::InvalidConfig {
-        field: "model_type",
-        reason: "missing".into(),
-    })?;
-    let arch = Architecture::from_model_type(&model_type).ok_or(
-        StorageError::UnsupportedArchitecture {
-            model_type,
-            supported: Architecture::SUPPORTED,
-        },
-    )?;
+    let raw: RawConfig = serde_json::from_str(text)
+        .map_err(|source| StorageError::Json { path: "config.json".into(), source })?;
+    let model_type = raw
+        .model_type
+        .clone()
+        .ok_or(StorageError::InvalidConfig { field: "model_type", reason: "missing".into() })?;
+    let arch = Architecture::from_model_type(&model_type)
+        .ok_or(StorageError::UnsupportedArchitecture { model_type, supported: Architecture::SUPPORTED })?;
     let spec = arch::build_spec(arch, &raw)?;
     validate(&spec)?;
     Ok(spec)
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> StorageError {
-    StorageError::InvalidConfig {
-        field,
-        reason: reason.into(),
-    }
+    StorageError::InvalidConfig { field, reason: reason.into() }
 }
 
 /// A required positive size.
@@ -126,31 +117,16 @@ pub(crate) fn token_id(field: &'static str, v: i64) -> StorageResult<u32> {
 
 /// The rope base from either config form; errors on scaling types hetmoe does not implement.
 pub(crate) fn rope_theta(raw: &RawConfig, default: f64) -> StorageResult<f32> {
-    for params in [raw.rope_scaling.as_ref(), raw.rope_parameters.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        let kind = params
-            .rope_type
-            .as_deref()
-            .or(params.kind.as_deref())
-            .unwrap_or("default");
+    for params in [raw.rope_scaling.as_ref(), raw.rope_parameters.as_ref()].into_iter().flatten() {
+        let kind = params.rope_type.as_deref().or(params.kind.as_deref()).unwrap_or("default");
         if kind != "default" {
-            return Err(invalid(
-                "rope_scaling",
-                format!("rope type {kind:?} is not supported yet"),
-            ));
+            return Err(invalid("rope_scaling", format!("rope type {kind:?} is not supported yet")));
         }
     }
-    let theta = raw
-        .rope_theta
-        .or_else(|| raw.rope_parameters.as_ref().and_then(|p| p.rope_theta))
-        .unwrap_or(default);
+    let theta =
+        raw.rope_theta.or_else(|| raw.rope_parameters.as_ref().and_then(|p| p.rope_theta)).unwrap_or(default);
     if !(theta.is_finite() && theta > 0.0) {
-        return Err(invalid(
-            "rope_theta",
-            format!("must be a positive number, got {theta}"),
-        ));
+        return Err(invalid("rope_theta", format!("must be a positive number, got {theta}")));
     }
     Ok(theta as f32)
 }
@@ -169,42 +145,27 @@ fn validate(spec: &ModelSpec) -> StorageResult<()> {
     if a.n_heads % a.n_kv_heads != 0 {
         return Err(invalid(
             "num_key_value_heads",
-            format!(
-                "{} does not divide num_attention_heads {}",
-                a.n_kv_heads, a.n_heads
-            ),
+            format!("{} does not divide num_attention_heads {}", a.n_kv_heads, a.n_heads),
         ));
     }
     if spec.rope.rotary_dim % 2 != 0 || spec.rope.rotary_dim > a.head_dim {
-        return Err(invalid(
-            "head_dim",
-            format!("rotary dim {} must be even", a.head_dim),
-        ));
+        return Err(invalid("head_dim", format!("rotary dim {} must be even", a.head_dim)));
     }
     let m = &spec.moe;
     if m.top_k > m.n_experts {
         return Err(invalid(
             "num_experts_per_tok",
-            format!(
-                "top-k {} exceeds the number of experts {}",
-                m.top_k, m.n_experts
-            ),
+            format!("top-k {} exceeds the number of experts {}", m.top_k, m.n_experts),
         ));
     }
     if spec.n_layers > u16::MAX as usize || m.n_experts > u16::MAX as usize {
-        return Err(invalid(
-            "num_hidden_layers",
-            "layer or expert count above 65535",
-        ));
+        return Err(invalid("num_hidden_layers", "layer or expert count above 65535"));
     }
     if spec.layers.len() != spec.n_layers {
         return Err(invalid("num_hidden_layers", "layer table size mismatch"));
     }
     if !(spec.rms_norm_eps.is_finite() && spec.rms_norm_eps > 0.0) {
-        return Err(invalid(
-            "rms_norm_eps",
-            format!("must be > 0, got {}", spec.rms_norm_eps),
-        ));
+        return Err(invalid("rms_norm_eps", format!("must be > 0, got {}", spec.rms_norm_eps)));
     }
     for (field, id) in spec
         .bos_token_id
@@ -213,10 +174,7 @@ fn validate(spec: &ModelSpec) -> StorageResult<()> {
         .chain(spec.eos_token_ids.iter().map(|&e| ("eos_token_id", e)))
     {
         if id as usize >= spec.vocab {
-            return Err(invalid(
-                field,
-                format!("{id} is outside the vocabulary {}", spec.vocab),
-            ));
+            return Err(invalid(field, format!("{id} is outside the vocabulary {}", spec.vocab)));
         }
     }
     Ok(())

@@ -20,10 +20,7 @@ pub struct ExpertKey {
 impl ExpertKey {
     pub fn new(layer: usize, expert: usize) -> Self {
         // Layer and expert counts are validated against u16 when the spec is built.
-        Self {
-            layer: LayerId(layer as u16),
-            expert: ExpertId(expert as u16),
-        }
+        Self { layer: LayerId(layer as u16), expert: ExpertId(expert as u16) }
     }
 }
 

@@ -24,8 +24,7 @@ pub use dtype::DType;
 pub use error::{StorageError, StorageResult};
 pub use ids::{ExpertId, ExpertKey, LayerId};
 pub use spec::{
-    Architecture, AttentionSpec, FfnKind, LayerSpec, ModelSpec, MoeSpec, QkNorm, RopeSpec,
-    SharedExpertSpec,
+    Architecture, AttentionSpec, FfnKind, LayerSpec, ModelSpec, MoeSpec, QkNorm, RopeSpec, SharedExpertSpec,
 };
 pub use tensor::{Tensor, TensorData};
 

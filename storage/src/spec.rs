@@ -133,9 +133,7 @@ impl ModelSpec {
 
     /// Indices of the layers with routed experts.
     pub fn moe_layers(&self) -> Vec<usize> {
-        (0..self.n_layers)
-            .filter(|&l| self.is_moe_layer(l))
-            .collect()
+        (0..self.n_layers).filter(|&l| self.is_moe_layer(l)).collect()
     }
 
     /// Number of weight elements of one routed expert (gate + up + down).

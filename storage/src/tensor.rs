@@ -10,11 +10,7 @@ use crate::dtype::DType;
 /// Where a tensor's bytes live: a range of a shared memory map (zero-copy) or an owned buffer.
 #[derive(Debug, Clone)]
 pub enum TensorData {
-    Mapped {
-        map: Arc<Mmap>,
-        start: usize,
-        end: usize,
-    },
+    Mapped { map: Arc<Mmap>, start: usize, end: usize },
     Owned(Arc<[u8]>),
 }
 
@@ -44,18 +40,9 @@ impl Tensor {
     pub fn to_f32_vec(&self) -> Vec<f32> {
         let b = self.bytes();
         match self.dtype {
-            DType::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::BF16 => b
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::F16 => b
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            DType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            DType::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            DType::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         }
     }
 }

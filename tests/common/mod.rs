@@ -57,23 +57,13 @@ impl Reference {
         let mut tensors = HashMap::new();
         for (name, view) in st.tensors() {
             let data = view.data();
-            let mut t = RefTensor {
-                shape: view.shape().to_vec(),
-                f32: vec![],
-                i64: vec![],
-            };
+            let mut t = RefTensor { shape: view.shape().to_vec(), f32: vec![], i64: vec![] };
             match view.dtype() {
                 Dtype::F32 => {
-                    t.f32 = data
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                        .collect()
+                    t.f32 = data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
                 }
                 Dtype::I64 => {
-                    t.i64 = data
-                        .chunks_exact(8)
-                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                        .collect()
+                    t.i64 = data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
                 }
                 other => panic!("unexpected dtype {other:?} in reference"),
             }
@@ -83,19 +73,14 @@ impl Reference {
     }
 
     pub fn get(&self, name: &str) -> &RefTensor {
-        self.tensors
-            .get(name)
-            .unwrap_or_else(|| panic!("reference has no {name}"))
+        self.tensors.get(name).unwrap_or_else(|| panic!("reference has no {name}"))
     }
 }
 
 /// Max |a − b|, asserting equal lengths.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {

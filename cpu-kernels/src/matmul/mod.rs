@@ -7,22 +7,28 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::dispatch::{active_isa, Isa};
+use crate::quant::{BlockQ4, BlockQ8, QK};
 use crate::KernelError;
 
-/// Borrowed weight elements, row-major `[rows, cols]`.
+/// Borrowed weight elements, row-major. Quantized variants hold `QK`-element blocks.
 #[derive(Debug, Clone, Copy)]
 pub enum WeightsRef<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
     F16(&'a [f16]),
+    Q8(&'a [BlockQ8]),
+    Q4(&'a [BlockQ4]),
 }
 
-impl WeightsRef<'_> {
+impl<'a> WeightsRef<'a> {
+    /// Number of weights (elements, not blocks).
     pub fn len(&self) -> usize {
         match self {
             WeightsRef::F32(w) => w.len(),
             WeightsRef::Bf16(w) => w.len(),
             WeightsRef::F16(w) => w.len(),
+            WeightsRef::Q8(w) => w.len() * QK,
+            WeightsRef::Q4(w) => w.len() * QK,
         }
     }
 
@@ -33,33 +39,71 @@ impl WeightsRef<'_> {
     /// Bytes of weight data read by one pass over the whole buffer.
     pub fn size_bytes(&self) -> usize {
         match self {
-            WeightsRef::F32(w) => w.len() * 4,
-            WeightsRef::Bf16(w) => w.len() * 2,
-            WeightsRef::F16(w) => w.len() * 2,
+            WeightsRef::F32(w) => std::mem::size_of_val(*w),
+            WeightsRef::Bf16(w) => std::mem::size_of_val(*w),
+            WeightsRef::F16(w) => std::mem::size_of_val(*w),
+            WeightsRef::Q8(w) => std::mem::size_of_val(*w),
+            WeightsRef::Q4(w) => std::mem::size_of_val(*w),
         }
+    }
+
+    /// Elements `start..end` (multiples of `QK` for quantized data).
+    pub fn slice(&self, start: usize, end: usize) -> WeightsRef<'a> {
+        match *self {
+            WeightsRef::F32(w) => WeightsRef::F32(&w[start..end]),
+            WeightsRef::Bf16(w) => WeightsRef::Bf16(&w[start..end]),
+            WeightsRef::F16(w) => WeightsRef::F16(&w[start..end]),
+            WeightsRef::Q8(w) => {
+                assert!(start % QK == 0 && end % QK == 0, "quantized slice {start}..{end} not block aligned");
+                WeightsRef::Q8(&w[start / QK..end / QK])
+            }
+            WeightsRef::Q4(w) => {
+                assert!(start % QK == 0 && end % QK == 0, "quantized slice {start}..{end} not block aligned");
+                WeightsRef::Q4(&w[start / QK..end / QK])
+            }
+        }
+    }
+
+    fn is_quantized(&self) -> bool {
+        matches!(self, WeightsRef::Q8(_) | WeightsRef::Q4(_))
     }
 }
 
-/// A weight matrix `[rows, cols]`; `rows` is the output dimension.
+/// A weight matrix `[rows, cols]` (`rows` is the output dimension) whose row `r` starts at
+/// element `r * stride`. `stride > cols` views interleaved layouts (row-column bundles).
 #[derive(Debug, Clone, Copy)]
 pub struct MatRef<'a> {
     data: WeightsRef<'a>,
     rows: usize,
     cols: usize,
+    stride: usize,
 }
 
 impl<'a> MatRef<'a> {
+    /// A dense row-major matrix: `data` holds exactly `rows * cols` weights.
     pub fn new(data: WeightsRef<'a>, rows: usize, cols: usize) -> Result<Self, KernelError> {
         let expected = rows.checked_mul(cols).unwrap_or(usize::MAX);
         if data.len() != expected {
-            return Err(KernelError::WeightLength {
-                rows,
-                cols,
-                expected,
-                actual: data.len(),
-            });
+            return Err(KernelError::WeightLength { rows, cols, expected, actual: data.len() });
         }
-        Ok(Self { data, rows, cols })
+        Self::strided(data, rows, cols, cols)
+    }
+
+    /// Rows of `cols` weights starting every `stride` weights.
+    pub fn strided(
+        data: WeightsRef<'a>,
+        rows: usize,
+        cols: usize,
+        stride: usize,
+    ) -> Result<Self, KernelError> {
+        let needed = if rows == 0 { 0 } else { (rows - 1).saturating_mul(stride).saturating_add(cols) };
+        if stride < cols || data.len() < needed {
+            return Err(KernelError::WeightLength { rows, cols, expected: needed, actual: data.len() });
+        }
+        if data.is_quantized() && (cols % QK != 0 || stride % QK != 0) {
+            return Err(KernelError::QuantizedShape { cols, stride });
+        }
+        Ok(Self { data, rows, cols, stride })
     }
 
     pub fn rows(&self) -> usize {
@@ -68,48 +112,44 @@ impl<'a> MatRef<'a> {
     pub fn cols(&self) -> usize {
         self.cols
     }
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
     pub fn data(&self) -> WeightsRef<'a> {
         self.data
     }
+    /// Bytes one pass over the matrix reads.
     pub fn size_bytes(&self) -> usize {
-        self.data.size_bytes()
+        if self.data.is_empty() {
+            return 0;
+        }
+        self.data.size_bytes() / self.data.len() * self.rows * self.cols
+    }
+
+    /// Row `r`'s `cols` weights.
+    pub fn row(&self, r: usize) -> WeightsRef<'a> {
+        self.data.slice(r * self.stride, r * self.stride + self.cols)
     }
 
     /// Rows `start..end` as a matrix of their own.
     pub fn row_range(&self, start: usize, end: usize) -> MatRef<'a> {
-        assert!(
-            start <= end && end <= self.rows,
-            "row range {start}..{end} of {}",
-            self.rows
-        );
-        let (a, b) = (start * self.cols, end * self.cols);
-        let data = match self.data {
-            WeightsRef::F32(w) => WeightsRef::F32(&w[a..b]),
-            WeightsRef::Bf16(w) => WeightsRef::Bf16(&w[a..b]),
-            WeightsRef::F16(w) => WeightsRef::F16(&w[a..b]),
+        assert!(start <= end && end <= self.rows, "row range {start}..{end} of {}", self.rows);
+        let data = if start == end {
+            self.data.slice(0, 0)
+        } else {
+            self.data.slice(start * self.stride, (end - 1) * self.stride + self.cols)
         };
-        MatRef {
-            data,
-            rows: end - start,
-            cols: self.cols,
-        }
+        MatRef { data, rows: end - start, cols: self.cols, stride: self.stride }
     }
 
     /// Row `r` converted to f32 (embedding lookup).
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        let a = r * self.cols;
-        match self.data {
-            WeightsRef::F32(w) => out.copy_from_slice(&w[a..a + self.cols]),
-            WeightsRef::Bf16(w) => {
-                for (o, v) in out.iter_mut().zip(&w[a..a + self.cols]) {
-                    *o = v.to_f32();
-                }
-            }
-            WeightsRef::F16(w) => {
-                for (o, v) in out.iter_mut().zip(&w[a..a + self.cols]) {
-                    *o = v.to_f32();
-                }
-            }
+        match self.row(r) {
+            WeightsRef::F32(w) => out.copy_from_slice(w),
+            WeightsRef::Bf16(w) => out.iter_mut().zip(w).for_each(|(o, v)| *o = v.to_f32()),
+            WeightsRef::F16(w) => out.iter_mut().zip(w).for_each(|(o, v)| *o = v.to_f32()),
+            WeightsRef::Q8(w) => crate::quant::dequantize_q8(w, out),
+            WeightsRef::Q4(w) => crate::quant::dequantize_q4(w, out),
         }
     }
 }
@@ -130,11 +170,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: MatRef<'_>, y: &mut [f32]) {
     if rows == 0 {
         return;
     }
-    let n_tokens = if cols == 0 {
-        y.len() / rows
-    } else {
-        x.len() / cols
-    };
+    let n_tokens = if cols == 0 { y.len() / rows } else { x.len() / cols };
     assert_eq!(x.len(), n_tokens * cols, "x is not [n_tokens, cols]");
     assert_eq!(y.len(), n_tokens * rows, "y is not [n_tokens, rows]");
     if n_tokens == 0 {
@@ -143,12 +179,10 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: MatRef<'_>, y: &mut [f32]) {
     let kernel = select(isa);
     if n_tokens == 1 {
         // One token: y is contiguous per row block.
-        y.par_chunks_mut(ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(i, yb)| {
-                let r0 = i * ROWS_PER_TASK;
-                kernel(x, 1, w.row_range(r0, r0 + yb.len()), yb, yb.len());
-            });
+        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(i, yb)| {
+            let r0 = i * ROWS_PER_TASK;
+            kernel(x, 1, w.row_range(r0, r0 + yb.len()), yb, yb.len());
+        });
     } else {
         // Several tokens: every task reads its block of W once for all tokens and writes a
         // strided block of y. Blocks are disjoint, so tasks write through a shared pointer.
@@ -165,11 +199,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: MatRef<'_>, y: &mut [f32]) {
                 // SAFETY: y has n_tokens * rows elements (asserted above); this task alone
                 // writes y[t*rows + r0 .. t*rows + r1] because row blocks are disjoint.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        local.as_ptr(),
-                        dst.0.add(t * rows + r0),
-                        r1 - r0,
-                    );
+                    std::ptr::copy_nonoverlapping(local.as_ptr(), dst.0.add(t * rows + r0), r1 - r0);
                 }
             }
         });
@@ -197,4 +227,18 @@ pub fn dot_row(isa: Isa, x: &[f32], w: MatRef<'_>, r: usize) -> f32 {
     let mut y = [0f32];
     select(isa)(x, 1, w.row_range(r, r + 1), &mut y, 1);
     y[0]
+}
+
+/// `y[t, :] += Σ_j a[t, j] · W[j, :]` (the transposed product `a · W`), with `a`:
+/// `[n_tokens, rows]` and `y`: `[n_tokens, cols]`. Each output sums over j in ascending
+/// order; parallel over column blocks, so the thread count does not change results.
+pub fn axpy_rows_with(isa: Isa, a: &[f32], w: MatRef<'_>, y: &mut [f32]) {
+    let (rows, cols) = (w.rows(), w.cols());
+    if cols == 0 {
+        return;
+    }
+    let n_tokens = y.len() / cols;
+    assert_eq!(a.len(), n_tokens * rows, "a is not [n_tokens, rows]");
+    let _ = isa;
+    scalar::axpy_rows(a, n_tokens, w, y);
 }

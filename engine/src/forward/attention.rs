@@ -46,16 +46,12 @@ pub(crate) fn forward(
 
     match (a.qk_norm, &w.q_norm, &w.k_norm) {
         (QkNorm::PerHead, Some(qn), Some(kn)) => {
-            q.chunks_exact_mut(hd)
-                .for_each(|h| rms_norm_inplace(h, qn, spec.rms_norm_eps));
-            k.chunks_exact_mut(hd)
-                .for_each(|h| rms_norm_inplace(h, kn, spec.rms_norm_eps));
+            q.chunks_exact_mut(hd).for_each(|h| rms_norm_inplace(h, qn, spec.rms_norm_eps));
+            k.chunks_exact_mut(hd).for_each(|h| rms_norm_inplace(h, kn, spec.rms_norm_eps));
         }
         (QkNorm::Full, Some(qn), Some(kn)) => {
-            q.chunks_exact_mut(qd)
-                .for_each(|r| rms_norm_inplace(r, qn, spec.rms_norm_eps));
-            k.chunks_exact_mut(kvd)
-                .for_each(|r| rms_norm_inplace(r, kn, spec.rms_norm_eps));
+            q.chunks_exact_mut(qd).for_each(|r| rms_norm_inplace(r, qn, spec.rms_norm_eps));
+            k.chunks_exact_mut(kvd).for_each(|r| rms_norm_inplace(r, kn, spec.rms_norm_eps));
         }
         _ => {}
     }
@@ -72,9 +68,7 @@ pub(crate) fn forward(
     for item in items.iter() {
         for i in 0..item.tokens.len() {
             rope::cos_sin(item.seq.len() + i, &model.inv_freq, &mut cos, &mut sin);
-            q[t * qd..(t + 1) * qd]
-                .chunks_exact_mut(hd)
-                .for_each(|h| rope::apply_rotate_half(h, &cos, &sin));
+            q[t * qd..(t + 1) * qd].chunks_exact_mut(hd).for_each(|h| rope::apply_rotate_half(h, &cos, &sin));
             k[t * kvd..(t + 1) * kvd]
                 .chunks_exact_mut(hd)
                 .for_each(|h| rope::apply_rotate_half(h, &cos, &sin));

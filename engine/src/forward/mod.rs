@@ -74,10 +74,7 @@ pub(crate) fn forward(
     // [n_tokens, hidden]
     let mut x = vec![0f32; n_tokens * h];
     let embed = w.embed.mat();
-    for (row, &tok) in x
-        .chunks_exact_mut(h)
-        .zip(items.iter().flat_map(|i| i.tokens.iter()))
-    {
+    for (row, &tok) in x.chunks_exact_mut(h).zip(items.iter().flat_map(|i| i.tokens.iter())) {
         embed.row_to_f32(tok as usize, row);
     }
     obs.hidden_state(0, &x);

@@ -57,14 +57,7 @@ pub(crate) fn route(spec: &ModelSpec, moe: &MoeWeights, x: &[f32]) -> Routing {
             }
         }
     }
-    Routing {
-        n_tokens: n,
-        n_experts: e,
-        top_k: k,
-        router_logits: logits,
-        expert_ids,
-        weights,
-    }
+    Routing { n_tokens: n, n_experts: e, top_k: k, router_logits: logits, expert_ids, weights }
 }
 
 /// `x`: `[n, hidden]` (after `post_attention_layernorm`) → `out`: `[n, hidden]`.
@@ -121,10 +114,7 @@ pub(crate) fn forward(spec: &ModelSpec, moe: &MoeWeights, x: &[f32], out: &mut [
             }
         }
         for t in 0..n {
-            for (a, &b) in out[t * h..(t + 1) * h]
-                .iter_mut()
-                .zip(&ys[t * h..(t + 1) * h])
-            {
+            for (a, &b) in out[t * h..(t + 1) * h].iter_mut().zip(&ys[t * h..(t + 1) * h]) {
                 *a += gate[t] * b;
             }
         }

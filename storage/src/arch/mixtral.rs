@@ -36,10 +36,7 @@ pub(super) fn spec(raw: &RawConfig) -> StorageResult<ModelSpec> {
             clip_qkv: None,
             sliding_window: sliding_window(raw, false)?,
         },
-        rope: RopeSpec {
-            theta: rope_theta(raw, 1e6)?,
-            rotary_dim: c.head_dim,
-        },
+        rope: RopeSpec { theta: rope_theta(raw, 1e6)?, rotary_dim: c.head_dim },
         rms_norm_eps: c.rms_norm_eps,
         max_positions: c.max_positions,
         tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),

@@ -66,8 +66,8 @@ impl WeightKey {
             DenseGate(i) => l(i, "mlp.gate_proj.weight"),
             DenseUp(i) => l(i, "mlp.up_proj.weight"),
             DenseDown(i) => l(i, "mlp.down_proj.weight"),
-            Router(_) | ExpertGate(..) | ExpertUp(..) | ExpertDown(..) | SharedGate(_)
-            | SharedUp(_) | SharedDown(_) | SharedExpertGate(_) => match arch {
+            Router(_) | ExpertGate(..) | ExpertUp(..) | ExpertDown(..) | SharedGate(_) | SharedUp(_)
+            | SharedDown(_) | SharedExpertGate(_) => match arch {
                 Architecture::Mixtral => mixtral::moe_name(self),
                 Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::Olmoe => {
                     qwen2_moe::moe_name(self)
@@ -139,10 +139,7 @@ pub(crate) fn common(raw: &RawConfig) -> StorageResult<Common> {
         head_dim,
         max_positions: required("max_position_embeddings", raw.max_position_embeddings)?,
         rms_norm_eps: eps,
-        bos_token_id: raw
-            .bos_token_id
-            .map(|v| token_id("bos_token_id", v))
-            .transpose()?,
+        bos_token_id: raw.bos_token_id.map(|v| token_id("bos_token_id", v)).transpose()?,
         eos_token_ids: eos_ids(raw)?,
     })
 }
@@ -160,14 +157,9 @@ pub(crate) fn clip_qkv(raw: &RawConfig) -> StorageResult<Option<f32>> {
 }
 
 /// A sliding window from the config, honouring Qwen's `use_sliding_window` switch.
-pub(crate) fn sliding_window(
-    raw: &RawConfig,
-    switch_required: bool,
-) -> StorageResult<Option<usize>> {
+pub(crate) fn sliding_window(raw: &RawConfig, switch_required: bool) -> StorageResult<Option<usize>> {
     if switch_required && raw.use_sliding_window != Some(true) {
         return Ok(None);
     }
-    raw.sliding_window
-        .map(|w| crate::config::positive("sliding_window", w))
-        .transpose()
+    raw.sliding_window.map(|w| crate::config::positive("sliding_window", w)).transpose()
 }

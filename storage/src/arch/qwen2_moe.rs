@@ -45,9 +45,7 @@ pub(super) fn layer_table(raw: &RawConfig, n_layers: usize) -> StorageResult<Vec
             } else {
                 let ffn = match dense_ffn {
                     Some(f) => f,
-                    None => {
-                        *dense_ffn.insert(required("intermediate_size", raw.intermediate_size)?)
-                    }
+                    None => *dense_ffn.insert(required("intermediate_size", raw.intermediate_size)?),
                 };
                 FfnKind::Dense { ffn }
             };
@@ -58,10 +56,8 @@ pub(super) fn layer_table(raw: &RawConfig, n_layers: usize) -> StorageResult<Vec
 
 pub(super) fn spec(raw: &RawConfig) -> StorageResult<ModelSpec> {
     let c = common(raw)?;
-    let shared_ffn = non_negative(
-        "shared_expert_intermediate_size",
-        raw.shared_expert_intermediate_size.unwrap_or(0),
-    )?;
+    let shared_ffn =
+        non_negative("shared_expert_intermediate_size", raw.shared_expert_intermediate_size.unwrap_or(0))?;
     Ok(ModelSpec {
         arch: Architecture::Qwen2Moe,
         vocab: c.vocab,
@@ -78,10 +74,7 @@ pub(super) fn spec(raw: &RawConfig) -> StorageResult<ModelSpec> {
             clip_qkv: None,
             sliding_window: sliding_window(raw, true)?,
         },
-        rope: RopeSpec {
-            theta: rope_theta(raw, 10000.0)?,
-            rotary_dim: c.head_dim,
-        },
+        rope: RopeSpec { theta: rope_theta(raw, 10000.0)?, rotary_dim: c.head_dim },
         rms_norm_eps: c.rms_norm_eps,
         max_positions: c.max_positions,
         tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
@@ -90,10 +83,8 @@ pub(super) fn spec(raw: &RawConfig) -> StorageResult<ModelSpec> {
             top_k: required("num_experts_per_tok", raw.num_experts_per_tok)?,
             expert_ffn: required("moe_intermediate_size", raw.moe_intermediate_size)?,
             norm_topk_prob: raw.norm_topk_prob.unwrap_or(false),
-            shared_expert: (shared_ffn > 0).then_some(SharedExpertSpec {
-                ffn: shared_ffn,
-                sigmoid_gate: true,
-            }),
+            shared_expert: (shared_ffn > 0)
+                .then_some(SharedExpertSpec { ffn: shared_ffn, sigmoid_gate: true }),
         },
         layers: layer_table(raw, c.n_layers)?,
         bos_token_id: c.bos_token_id,

@@ -1,0 +1,84 @@
+//! The SwiGLU expert `down(silu(gate(x)) · up(x))` over the tokens routed to it.
+//!
+//! An expert is read row-wise: gate row j, up row j and down *column* j (row j of `downᵀ`)
+//! are what intermediate neuron j needs. [`ExpertRef`] views those rows in any layout:
+//! separate matrices (in-memory weights, with `downᵀ` made at load) or one row-column
+//! bundle `[ffn][gate | up | downᵀ][hidden]` (the on-disk expert store), with the same
+//! arithmetic, so a model gives the same numbers whichever tier its experts come from.
+
+use crate::dispatch::{active_isa, Isa};
+use crate::matmul::{matmul_with, MatRef, WeightsRef};
+use crate::KernelError;
+
+/// Rows of one expert: `gate`, `up` and `down_t` are each `[ffn, hidden]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertRef<'a> {
+    pub gate: MatRef<'a>,
+    pub up: MatRef<'a>,
+    pub down_t: MatRef<'a>,
+}
+
+impl<'a> ExpertRef<'a> {
+    pub fn new(gate: MatRef<'a>, up: MatRef<'a>, down_t: MatRef<'a>) -> Result<Self, KernelError> {
+        let shape = (gate.rows(), gate.cols());
+        for m in [&up, &down_t] {
+            if (m.rows(), m.cols()) != shape {
+                return Err(KernelError::WeightLength {
+                    rows: shape.0,
+                    cols: shape.1,
+                    expected: shape.0 * shape.1,
+                    actual: m.rows() * m.cols(),
+                });
+            }
+        }
+        Ok(Self { gate, up, down_t })
+    }
+
+    /// Views a row-column bundle: for each neuron j, `hidden` gate weights, `hidden` up
+    /// weights, then `hidden` weights of down column j.
+    pub fn bundled(data: WeightsRef<'a>, ffn: usize, hidden: usize) -> Result<Self, KernelError> {
+        let n = 3 * ffn * hidden;
+        if data.len() != n {
+            return Err(KernelError::WeightLength {
+                rows: 3 * ffn,
+                cols: hidden,
+                expected: n,
+                actual: data.len(),
+            });
+        }
+        let part = |i: usize| MatRef::strided(data.slice(i * hidden, n), ffn, hidden, 3 * hidden);
+        Ok(Self { gate: part(0)?, up: part(1)?, down_t: part(2)? })
+    }
+
+    pub fn ffn(&self) -> usize {
+        self.gate.rows()
+    }
+    pub fn hidden(&self) -> usize {
+        self.gate.cols()
+    }
+    /// Bytes one pass over the expert reads.
+    pub fn size_bytes(&self) -> usize {
+        self.gate.size_bytes() + self.up.size_bytes() + self.down_t.size_bytes()
+    }
+}
+
+/// `out = down(silu(gate(x)) · up(x))` for `x`: `[n, hidden]`; `act`: scratch `[2, n, ffn]`;
+/// `out`: `[n, hidden]`, overwritten.
+pub fn expert_swiglu(x: &[f32], e: ExpertRef<'_>, act: &mut [f32], out: &mut [f32]) {
+    expert_swiglu_with(active_isa(), x, e, act, out)
+}
+
+/// [`expert_swiglu`] on a given ISA.
+pub fn expert_swiglu_with(isa: Isa, x: &[f32], e: ExpertRef<'_>, act: &mut [f32], out: &mut [f32]) {
+    let (ffn, hidden) = (e.ffn(), e.hidden());
+    let n = if hidden == 0 { 0 } else { x.len() / hidden };
+    assert_eq!(out.len(), n * hidden, "out is not [n, hidden]");
+    assert!(act.len() >= 2 * n * ffn, "act scratch too small");
+    let (g, rest) = act.split_at_mut(n * ffn);
+    let u = &mut rest[..n * ffn];
+    matmul_with(isa, x, e.gate, g);
+    matmul_with(isa, x, e.up, u);
+    crate::activation::silu_mul(g, u);
+    out.fill(0.0);
+    crate::matmul::axpy_rows_with(isa, g, e.down_t, out);
+}
