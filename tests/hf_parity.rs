@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! The engine against Hugging Face transformers on the tiny fixtures of every supported
 //! architecture: logits, hidden states, routing and greedy tokens.
 
@@ -246,8 +247,11 @@ fn thread_count_does_not_change_logits() {
     let r = Reference::load("olmoe");
     let ids = r.get("full_ids").ids();
     let run = |threads| {
-        let e =
-            Engine::load(fixture("olmoe").join("model"), EngineOptions { threads: Some(threads), ..Default::default() }).unwrap();
+        let e = Engine::load(
+            fixture("olmoe").join("model"),
+            EngineOptions { threads: Some(threads), ..Default::default() },
+        )
+        .unwrap();
         e.forward(&mut e.new_sequence(), &ids, LogitsMode::All).unwrap()
     };
     assert_eq!(run(1), run(3));

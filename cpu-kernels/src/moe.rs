@@ -71,7 +71,7 @@ pub fn expert_swiglu(x: &[f32], e: ExpertRef<'_>, act: &mut [f32], out: &mut [f3
 /// [`expert_swiglu`] on a given ISA.
 pub fn expert_swiglu_with(isa: Isa, x: &[f32], e: ExpertRef<'_>, act: &mut [f32], out: &mut [f32]) {
     let (ffn, hidden) = (e.ffn(), e.hidden());
-    let n = if hidden == 0 { 0 } else { x.len() / hidden };
+    let n = x.len().checked_div(hidden).unwrap_or(0);
     assert_eq!(out.len(), n * hidden, "out is not [n, hidden]");
     assert!(act.len() >= 2 * n * ffn, "act scratch too small");
     let (g, rest) = act.split_at_mut(n * ffn);

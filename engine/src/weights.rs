@@ -143,10 +143,6 @@ impl Linear {
         };
         Linear { store, rows: self.rows, cols: self.cols }
     }
-
-    pub(crate) fn rows(&self) -> usize {
-        self.rows
-    }
 }
 
 /// One SwiGLU MLP as the expert kernel reads it: gate `[ffn, hidden]`, up `[ffn, hidden]`,
@@ -174,9 +170,10 @@ pub(crate) struct MoeWeights {
 }
 
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per layer; size is irrelevant
 pub(crate) enum FfnWeights {
     Dense(Mlp),
-    Moe(MoeWeights),
+    Moe(Box<MoeWeights>),
 }
 
 #[derive(Debug)]
@@ -301,12 +298,12 @@ pub(crate) fn load(spec: &ModelSpec, ckpt: &Checkpoint, format: WeightFormat) ->
                     Some(s) if s.sigmoid_gate => Some(ld.linear(SharedExpertGate(l), 1, h)?),
                     _ => None,
                 };
-                FfnWeights::Moe(MoeWeights {
+                FfnWeights::Moe(Box::new(MoeWeights {
                     router: ld.linear(Router(l), m.n_experts, h)?,
                     experts,
                     shared,
                     shared_gate,
-                })
+                }))
             }
         };
         layers.push(LayerWeights {

@@ -1,6 +1,6 @@
 //! Shared helpers of the integration tests: fixture paths and the reference tensors that
 //! Hugging Face transformers computed for them (see `tests/fixtures/README.md`).
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -82,7 +82,7 @@ pub struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// A dense row-major matrix: `data` holds exactly `rows * cols` weights.
     pub fn new(data: WeightsRef<'a>, rows: usize, cols: usize) -> Result<Self, KernelError> {
-        let expected = rows.checked_mul(cols).unwrap_or(usize::MAX);
+        let expected = rows.saturating_mul(cols);
         if data.len() != expected {
             return Err(KernelError::WeightLength { rows, cols, expected, actual: data.len() });
         }
@@ -170,7 +170,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: MatRef<'_>, y: &mut [f32]) {
     if rows == 0 {
         return;
     }
-    let n_tokens = if cols == 0 { y.len() / rows } else { x.len() / cols };
+    let n_tokens = x.len().checked_div(cols).unwrap_or(y.len() / rows);
     assert_eq!(x.len(), n_tokens * cols, "x is not [n_tokens, cols]");
     assert_eq!(y.len(), n_tokens * rows, "y is not [n_tokens, rows]");
     if n_tokens == 0 {
