@@ -43,6 +43,16 @@ pub enum WeightFormat {
     Q4,
 }
 
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WeightFormat::AsStored => "bf16",
+            WeightFormat::Q8 => "q8",
+            WeightFormat::Q4 => "q4",
+        })
+    }
+}
+
 impl std::str::FromStr for WeightFormat {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -179,3 +179,51 @@ fn validate(spec: &ModelSpec) -> StorageResult<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{FfnKind, QkNorm};
+
+    const QWEN2: &str = r#"{"model_type":"qwen2_moe","vocab_size":100,"hidden_size":64,"intermediate_size":96,
+        "moe_intermediate_size":32,"shared_expert_intermediate_size":48,"num_hidden_layers":4,
+        "num_attention_heads":4,"num_key_value_heads":2,"num_experts":8,"num_experts_per_tok":2,
+        "decoder_sparse_step":2,"mlp_only_layers":[3],"max_position_embeddings":128,
+        "rope_parameters":{"rope_theta":5e5,"rope_type":"default"},"eos_token_id":[1,2]}"#;
+
+    #[test]
+    fn qwen_sparse_layer_rule_and_rope_parameters() {
+        let s = parse_config(QWEN2).unwrap();
+        let kinds: Vec<bool> = s.layers.iter().map(|l| matches!(l.ffn, FfnKind::Moe)).collect();
+        // (i + 1) % 2 == 0 → layers 1 and 3 sparse, but 3 is in mlp_only_layers.
+        assert_eq!(kinds, [false, true, false, false]);
+        assert_eq!(s.layers[0].ffn, FfnKind::Dense { ffn: 96 });
+        assert_eq!(s.rope.theta, 5e5);
+        assert_eq!(s.eos_token_ids, [1, 2]);
+        assert_eq!(s.attention.head_dim, 16);
+        assert!(s.attention.qkv_bias && !s.attention.o_bias);
+        assert_eq!(s.moe.shared_expert.as_ref().map(|x| x.ffn), Some(48));
+        assert_eq!(s.attention.qk_norm, QkNorm::None);
+    }
+
+    #[test]
+    fn unsupported_rope_scaling_is_an_error() {
+        let text = QWEN2.replace(r#""rope_type":"default""#, r#""rope_type":"yarn""#);
+        assert!(matches!(
+            parse_config(&text),
+            Err(StorageError::InvalidConfig { field: "rope_scaling", .. })
+        ));
+    }
+
+    #[test]
+    fn missing_required_size_is_named() {
+        let text = QWEN2.replace(r#""num_experts":8,"#, "");
+        assert!(matches!(parse_config(&text), Err(StorageError::InvalidConfig { field: "num_experts", .. })));
+    }
+
+    #[test]
+    fn non_silu_activation_is_rejected() {
+        let text = QWEN2.replace(r#""vocab_size":100"#, r#""vocab_size":100,"hidden_act":"gelu""#);
+        assert!(matches!(parse_config(&text), Err(StorageError::InvalidConfig { field: "hidden_act", .. })));
+    }
+}
