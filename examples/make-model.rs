@@ -69,7 +69,8 @@ fn tensors(spec: &hetmoe::ModelSpec) -> Vec<(String, Vec<usize>, f32)> {
     let (h, v) = (spec.hidden, spec.vocab);
     let at = &spec.attention;
     let (qd, kvd) = (at.q_dim(), at.kv_dim());
-    let lin = |k: hetmoe::storage::WeightKey, r: usize, c: usize| (k.name(a), vec![r, c], 1.0 / (c as f32).sqrt());
+    let lin =
+        |k: hetmoe::storage::WeightKey, r: usize, c: usize| (k.name(a), vec![r, c], 1.0 / (c as f32).sqrt());
     let ones = |k: hetmoe::storage::WeightKey, n: usize| (k.name(a), vec![n], 0.0);
     let mut t = vec![(Embed.name(a), vec![v, h], 1.0)];
     for l in 0..spec.n_layers {
@@ -121,7 +122,10 @@ fn main() -> Result<()> {
     let mut offset = 0usize;
     for (name, shape, _) in &list {
         let bytes = shape.iter().product::<usize>() * 2;
-        header.insert(name.clone(), json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}));
+        header.insert(
+            name.clone(),
+            json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
         offset += bytes;
     }
     let mut header = serde_json::Value::Object(header).to_string();
@@ -134,7 +138,8 @@ fn main() -> Result<()> {
     w.write_all(header.as_bytes())?;
     let bar = indicatif::ProgressBar::new(offset as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec}").unwrap(),
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap(),
     );
     bar.set_message(format!("writing {}", path.display()));
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);

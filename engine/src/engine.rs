@@ -128,6 +128,14 @@ impl Engine {
         Ok(self.pool.install(|| forward::forward(&self.model, items, mode, observer)))
     }
 
+    /// Bytes one decode step of one sequence must read from memory at `context` cached
+    /// positions: every non-expert weight, the `top_k` routed experts of each MoE layer,
+    /// one embedding row and the KV cache. The roofline of decode is this divided by the
+    /// memory bandwidth.
+    pub fn decode_bytes_per_token(&self, context: usize) -> u64 {
+        self.model.weights.decode_bytes(&self.model.spec, context)
+    }
+
     /// Checks ids against the vocabulary and the positions against the model's maximum.
     pub(crate) fn check_tokens(&self, tokens: &[u32], already: usize) -> EngineResult<()> {
         let spec = &self.model.spec;
@@ -145,3 +153,10 @@ impl Engine {
         Ok(())
     }
 }
+
+// The API promises this; a field that breaks it must fail the build.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Engine>();
+    send_sync::<Sequence>();
+};

@@ -106,20 +106,12 @@ impl Linear {
     /// row j holds what intermediate neuron j contributes).
     fn transposed(&self) -> Linear {
         let (r, c) = (self.rows, self.cols);
-        let m = self.mat();
-        let mut row = vec![0f32; c];
-        let mut t = vec![0f32; r * c];
-        for i in 0..r {
-            m.row_to_f32(i, &mut row);
-            for (j, &v) in row.iter().enumerate() {
-                t[j * r + i] = v;
-            }
-        }
-        // Converting back to the stored dtype is exact: the values came from it.
-        let store = match m.data() {
-            WeightsRef::Bf16(_) => Store::Bf16(t.iter().map(|&v| bf16::from_f32(v)).collect()),
-            WeightsRef::F16(_) => Store::F16(t.iter().map(|&v| f16::from_f32(v)).collect()),
-            _ => Store::F32(t),
+        let store = match self.mat().data() {
+            WeightsRef::Bf16(w) => Store::Bf16(transpose(w, r, c)),
+            WeightsRef::F16(w) => Store::F16(transpose(w, r, c)),
+            WeightsRef::F32(w) => Store::F32(transpose(w, r, c)),
+            // Quantization happens after transposition, never before.
+            WeightsRef::Q8(_) | WeightsRef::Q4(_) => unreachable!("transposing quantized weights"),
         };
         Linear { store, rows: c, cols: r }
     }
@@ -153,6 +145,22 @@ impl Linear {
         };
         Linear { store, rows: self.rows, cols: self.cols }
     }
+}
+
+/// `[rows, cols]` → `[cols, rows]`, in tiles that stay in L1.
+fn transpose<T: Copy + Default>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
+    const TILE: usize = 32;
+    let mut dst = vec![T::default(); rows * cols];
+    for i0 in (0..rows).step_by(TILE) {
+        for j0 in (0..cols).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(rows) {
+                for j in j0..(j0 + TILE).min(cols) {
+                    dst[j * rows + i] = src[i * cols + j];
+                }
+            }
+        }
+    }
+    dst
 }
 
 /// One SwiGLU MLP as the expert kernel reads it: gate `[ffn, hidden]`, up `[ffn, hidden]`,
@@ -217,7 +225,42 @@ pub(crate) struct ModelWeights {
     pub layers: Vec<LayerWeights>,
 }
 
+impl Mlp {
+    fn size_bytes(&self) -> usize {
+        self.expert().size_bytes()
+    }
+}
+
 impl ModelWeights {
+    /// See [`crate::Engine::decode_bytes_per_token`].
+    pub(crate) fn decode_bytes(&self, spec: &ModelSpec, context: usize) -> u64 {
+        let vec_bytes = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, |v| v.len() * 4);
+        let mut total = self.final_norm.len() * 4 + self.lm_head().mat().size_bytes();
+        total += self.embed.mat().size_bytes() / spec.vocab;
+        for l in &self.layers {
+            let a = &l.attn;
+            total += (l.attn_norm.len() + l.ffn_norm.len()) * 4;
+            total += [&a.q, &a.k, &a.v, &a.o].iter().map(|m| m.mat().size_bytes()).sum::<usize>();
+            total += [&a.q_bias, &a.k_bias, &a.v_bias, &a.o_bias, &a.q_norm, &a.k_norm]
+                .iter()
+                .map(|v| vec_bytes(v))
+                .sum::<usize>();
+            // K and V of every cached position, f32.
+            total += 2 * spec.attention.kv_dim() * 4 * (context + 1);
+            total += match &l.ffn {
+                FfnWeights::Dense(m) => m.size_bytes(),
+                FfnWeights::Moe(m) => {
+                    let expert = m.experts.first().map_or(0, Mlp::size_bytes);
+                    m.router.mat().size_bytes()
+                        + spec.moe.top_k * expert
+                        + m.shared.as_ref().map_or(0, Mlp::size_bytes)
+                        + m.shared_gate.as_ref().map_or(0, |g| g.mat().size_bytes())
+                }
+            };
+        }
+        total as u64
+    }
+
     pub(crate) fn lm_head(&self) -> &Linear {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
