@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use hetmoe_storage::{open_model_dir, ModelSpec};
 
 use crate::error::{EngineError, EngineResult};
+use crate::experts::{ExpertAccess, Resident};
 use crate::forward::{self, BatchItem, ForwardObserver, LogitsMode, NoObserver};
 use crate::kv_cache::Sequence;
 use crate::tokenizer::TextTokenizer;
@@ -26,6 +27,8 @@ pub(crate) struct Model {
     pub weights: ModelWeights,
     /// RoPE inverse frequencies, `rotary_dim / 2`.
     pub inv_freq: Vec<f32>,
+    /// Where routed experts' weights come from.
+    pub experts: Box<dyn ExpertAccess>,
 }
 
 /// A loaded model, ready to run sequences.
@@ -67,7 +70,13 @@ impl Engine {
             threads = pool.current_num_threads(),
             "model loaded"
         );
-        Ok(Engine { model: Model { spec, weights, inv_freq }, tokenizer, pool, dir: dir.to_path_buf() })
+        let experts: Box<dyn ExpertAccess> = Box::new(Resident);
+        Ok(Engine {
+            model: Model { spec, weights, inv_freq, experts },
+            tokenizer,
+            pool,
+            dir: dir.to_path_buf(),
+        })
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -125,7 +134,7 @@ impl Engine {
         for item in items.iter_mut() {
             item.seq.reserve(item.tokens.len());
         }
-        Ok(self.pool.install(|| forward::forward(&self.model, items, mode, observer)))
+        self.pool.install(|| forward::forward(&self.model, items, mode, observer))
     }
 
     /// Bytes one decode step of one sequence must read from memory at `context` cached

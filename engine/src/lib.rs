@@ -15,6 +15,7 @@
 
 mod engine;
 mod error;
+mod experts;
 pub mod forward;
 mod generate;
 mod kv_cache;

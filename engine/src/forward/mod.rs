@@ -12,6 +12,7 @@ pub mod moe;
 use hetmoe_cpu_kernels::{matmul, norm::rms_norm};
 
 use crate::engine::Model;
+use crate::error::EngineResult;
 use crate::kv_cache::Sequence;
 use crate::weights::FfnWeights;
 
@@ -65,7 +66,7 @@ pub(crate) fn forward(
     items: &mut [BatchItem<'_>],
     mode: LogitsMode,
     obs: &mut (dyn ForwardObserver + Send),
-) -> Vec<Vec<f32>> {
+) -> EngineResult<Vec<Vec<f32>>> {
     let spec = &model.spec;
     let w = &model.weights;
     let h = spec.hidden;
@@ -90,7 +91,7 @@ pub(crate) fn forward(
         match &layer.ffn {
             FfnWeights::Dense(mlp) => mlp::swiglu(&xn, mlp, &mut y),
             FfnWeights::Moe(moe) => {
-                let routing = moe::forward(spec, moe, &xn, &mut y);
+                let routing = moe::forward(spec, l, moe, model.experts.as_ref(), &xn, &mut y)?;
                 obs.moe_block(l, &xn, &routing, &y);
             }
         }
@@ -119,7 +120,7 @@ pub(crate) fn forward(
         out.push(logits);
         start += n;
     }
-    out
+    Ok(out)
 }
 
 fn add_into(x: &mut [f32], y: &[f32]) {

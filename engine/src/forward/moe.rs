@@ -4,7 +4,9 @@
 use hetmoe_cpu_kernels::{matmul, softmax::sigmoid, softmax::softmax_inplace, topk::top_k};
 use hetmoe_storage::ModelSpec;
 
-use super::mlp::swiglu;
+use super::mlp::{run_expert, swiglu};
+use crate::error::EngineResult;
+use crate::experts::ExpertAccess;
 use crate::weights::MoeWeights;
 
 /// Routing decisions of one MoE layer for a batch of tokens.
@@ -61,7 +63,14 @@ pub(crate) fn route(spec: &ModelSpec, moe: &MoeWeights, x: &[f32]) -> Routing {
 }
 
 /// `x`: `[n, hidden]` (after `post_attention_layernorm`) → `out`: `[n, hidden]`.
-pub(crate) fn forward(spec: &ModelSpec, moe: &MoeWeights, x: &[f32], out: &mut [f32]) -> Routing {
+pub(crate) fn forward(
+    spec: &ModelSpec,
+    layer: usize,
+    moe: &MoeWeights,
+    access: &dyn ExpertAccess,
+    x: &[f32],
+    out: &mut [f32],
+) -> EngineResult<Routing> {
     let h = spec.hidden;
     let routing = route(spec, moe, x);
     let (n, k) = (routing.n_tokens, routing.top_k);
@@ -73,10 +82,9 @@ pub(crate) fn forward(spec: &ModelSpec, moe: &MoeWeights, x: &[f32], out: &mut [
     for (slot, &e) in routing.expert_ids.iter().enumerate() {
         members[e].push(slot);
     }
-    for (e, slots_of_e) in members.iter().enumerate() {
-        if slots_of_e.is_empty() {
-            continue;
-        }
+    let active: Vec<usize> = (0..routing.n_experts).filter(|&e| !members[e].is_empty()).collect();
+    access.with_experts(layer, &moe.experts, &active, &mut |e, weights| {
+        let slots_of_e = &members[e];
         let m = slots_of_e.len();
         let mut xe = vec![0f32; m * h]; // [m, hidden]
         for (row, &slot) in xe.chunks_exact_mut(h).zip(slots_of_e) {
@@ -84,14 +92,14 @@ pub(crate) fn forward(spec: &ModelSpec, moe: &MoeWeights, x: &[f32], out: &mut [
             row.copy_from_slice(&x[t * h..(t + 1) * h]);
         }
         let mut ye = vec![0f32; m * h];
-        swiglu(&xe, &moe.experts[e], &mut ye);
+        run_expert(&xe, weights, &mut ye);
         for (row, &slot) in ye.chunks_exact(h).zip(slots_of_e) {
             let w = routing.weights[slot];
             for (s, &v) in slots[slot * h..(slot + 1) * h].iter_mut().zip(row) {
                 *s = v * w;
             }
         }
-    }
+    })?;
     for t in 0..n {
         let o = &mut out[t * h..(t + 1) * h];
         o.copy_from_slice(&slots[t * k * h..(t * k + 1) * h]);
@@ -119,5 +127,5 @@ pub(crate) fn forward(spec: &ModelSpec, moe: &MoeWeights, x: &[f32], out: &mut [
             }
         }
     }
-    routing
+    Ok(routing)
 }

@@ -1,0 +1,45 @@
+//! Where routed experts' weights come from when the MoE block needs them.
+//!
+//! The block asks for the experts its tokens were routed to; an [`ExpertAccess`] hands each
+//! one's weights to the block's callback, in whatever order they become available (resident
+//! first, loaded ones as they arrive). Expert outputs are summed per token in rank order, so
+//! the order of callbacks never changes the result.
+
+use std::fmt::Debug;
+
+use hetmoe_cpu_kernels::moe::ExpertRef;
+
+use crate::error::EngineResult;
+use crate::weights::Mlp;
+
+pub(crate) trait ExpertAccess: Send + Sync + Debug {
+    /// Calls `run(expert, weights)` exactly once for each id in `experts` (ascending,
+    /// unique) of MoE layer `layer`. `resident` holds the layer's in-memory experts
+    /// (empty when experts are offloaded).
+    fn with_experts(
+        &self,
+        layer: usize,
+        resident: &[Mlp],
+        experts: &[usize],
+        run: &mut dyn FnMut(usize, ExpertRef<'_>),
+    ) -> EngineResult<()>;
+}
+
+/// Every expert in memory (memory-mapped or quantized at load).
+#[derive(Debug)]
+pub(crate) struct Resident;
+
+impl ExpertAccess for Resident {
+    fn with_experts(
+        &self,
+        _layer: usize,
+        resident: &[Mlp],
+        experts: &[usize],
+        run: &mut dyn FnMut(usize, ExpertRef<'_>),
+    ) -> EngineResult<()> {
+        for &e in experts {
+            run(e, resident[e].expert());
+        }
+        Ok(())
+    }
+}
