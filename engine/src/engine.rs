@@ -134,7 +134,19 @@ impl Engine {
         for item in items.iter_mut() {
             item.seq.reserve(item.tokens.len());
         }
-        self.pool.install(|| forward::forward(&self.model, items, mode, observer))
+        // The batch borrows the first sequence's scratch buffers for the step.
+        let mut scratch = items.first_mut().map(|i| std::mem::take(&mut i.seq.scratch)).unwrap_or_default();
+        let result = self.pool.install(|| forward::forward(&self.model, items, mode, observer, &mut scratch));
+        if let Some(first) = items.first_mut() {
+            first.seq.scratch = scratch;
+        }
+        if result.is_err() {
+            // A failed step (an expert that could not be read) leaves no half-written KV.
+            for item in items.iter_mut() {
+                item.seq.rollback();
+            }
+        }
+        result
     }
 
     /// Bytes one decode step of one sequence must read from memory at `context` cached

@@ -2,6 +2,8 @@
 
 use hetmoe_storage::ModelSpec;
 
+use crate::scratch::Scratch;
+
 /// Keys and values of one layer, `[positions, n_kv_heads * head_dim]` each, in f32.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LayerCache {
@@ -16,6 +18,8 @@ pub struct Sequence {
     pub(crate) layers: Vec<LayerCache>,
     pub(crate) tokens: Vec<u32>,
     pub(crate) kv_dim: usize,
+    /// Buffers reused by every step of this sequence (and of batches it leads).
+    pub(crate) scratch: Scratch,
 }
 
 impl Sequence {
@@ -24,6 +28,7 @@ impl Sequence {
             layers: vec![LayerCache::default(); spec.n_layers],
             tokens: Vec::new(),
             kv_dim: spec.attention.kv_dim(),
+            scratch: Scratch::default(),
         }
     }
 
@@ -44,6 +49,15 @@ impl Sequence {
     /// Bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
         self.layers.iter().map(|l| (l.k.len() + l.v.len()) * 4).sum()
+    }
+
+    /// Drops cached positions beyond the tokens fed (after a failed step).
+    pub(crate) fn rollback(&mut self) {
+        let keep = self.tokens.len() * self.kv_dim;
+        for l in &mut self.layers {
+            l.k.truncate(keep);
+            l.v.truncate(keep);
+        }
     }
 
     /// Reserves room for `positions` more positions in every layer.

@@ -20,6 +20,7 @@ pub mod forward;
 mod generate;
 mod kv_cache;
 mod sampling;
+mod scratch;
 mod tokenizer;
 mod weights;
 

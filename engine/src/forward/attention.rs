@@ -8,6 +8,7 @@ use hetmoe_storage::QkNorm;
 
 use super::BatchItem;
 use crate::engine::Model;
+use crate::scratch::{zeroed, AttnScratch};
 use crate::weights::AttentionWeights;
 
 fn add_bias(y: &mut [f32], bias: Option<&Vec<f32>>) {
@@ -27,6 +28,7 @@ pub(crate) fn forward(
     w: &AttentionWeights,
     xn: &[f32],
     items: &mut [BatchItem<'_>],
+    sc: &mut AttnScratch,
     out: &mut [f32],
 ) {
     let spec = &model.spec;
@@ -34,15 +36,15 @@ pub(crate) fn forward(
     let (hd, qd, kvd) = (a.head_dim, a.q_dim(), a.kv_dim());
     let n = xn.len() / spec.hidden;
 
-    let mut q = vec![0f32; n * qd]; // [n, n_heads * head_dim]
-    let mut k = vec![0f32; n * kvd]; // [n, n_kv_heads * head_dim]
-    let mut v = vec![0f32; n * kvd];
-    matmul(xn, w.q.mat(), &mut q);
-    matmul(xn, w.k.mat(), &mut k);
-    matmul(xn, w.v.mat(), &mut v);
-    add_bias(&mut q, w.q_bias.as_ref());
-    add_bias(&mut k, w.k_bias.as_ref());
-    add_bias(&mut v, w.v_bias.as_ref());
+    let q = zeroed(&mut sc.q, n * qd); // [n, n_heads * head_dim]
+    let k = zeroed(&mut sc.k, n * kvd); // [n, n_kv_heads * head_dim]
+    let v = zeroed(&mut sc.v, n * kvd);
+    matmul(xn, w.q.mat(), q);
+    matmul(xn, w.k.mat(), k);
+    matmul(xn, w.v.mat(), v);
+    add_bias(q, w.q_bias.as_ref());
+    add_bias(k, w.k_bias.as_ref());
+    add_bias(v, w.v_bias.as_ref());
 
     match (a.qk_norm, &w.q_norm, &w.k_norm) {
         (QkNorm::PerHead, Some(qn), Some(kn)) => {
@@ -56,22 +58,20 @@ pub(crate) fn forward(
         _ => {}
     }
     if let Some(c) = a.clip_qkv {
-        for t in [&mut q, &mut k, &mut v] {
+        for t in [&mut *q, &mut *k, &mut *v] {
             t.iter_mut().for_each(|x| *x = x.clamp(-c, c));
         }
     }
 
     // RoPE at each token's absolute position in its own sequence.
     let half = spec.rope.rotary_dim / 2;
-    let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
+    let (cos, sin) = (zeroed(&mut sc.cos, half), zeroed(&mut sc.sin, half));
     let mut t = 0;
     for item in items.iter() {
         for i in 0..item.tokens.len() {
-            rope::cos_sin(item.seq.len() + i, &model.inv_freq, &mut cos, &mut sin);
-            q[t * qd..(t + 1) * qd].chunks_exact_mut(hd).for_each(|h| rope::apply_rotate_half(h, &cos, &sin));
-            k[t * kvd..(t + 1) * kvd]
-                .chunks_exact_mut(hd)
-                .for_each(|h| rope::apply_rotate_half(h, &cos, &sin));
+            rope::cos_sin(item.seq.len() + i, &model.inv_freq, cos, sin);
+            q[t * qd..(t + 1) * qd].chunks_exact_mut(hd).for_each(|h| rope::apply_rotate_half(h, cos, sin));
+            k[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd).for_each(|h| rope::apply_rotate_half(h, cos, sin));
             t += 1;
         }
     }
@@ -83,7 +83,7 @@ pub(crate) fn forward(
         scale: (hd as f64).powf(-0.5) as f32,
         window: a.sliding_window,
     };
-    let mut ctx = vec![0f32; n * qd]; // [n, n_heads * head_dim]
+    let ctx = zeroed(&mut sc.ctx, n * qd); // [n, n_heads * head_dim]
     let mut t0 = 0;
     for item in items.iter_mut() {
         let m = item.tokens.len();
@@ -102,6 +102,6 @@ pub(crate) fn forward(
         t0 += m;
     }
 
-    matmul(&ctx, w.o.mat(), out);
+    matmul(ctx, w.o.mat(), out);
     add_bias(out, w.o_bias.as_ref());
 }

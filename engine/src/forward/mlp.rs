@@ -3,16 +3,11 @@
 
 use hetmoe_cpu_kernels::moe::{expert_swiglu, ExpertRef};
 
-use crate::weights::Mlp;
+use crate::scratch::zeroed;
 
-/// `x`: `[n, hidden]` → `out`: `[n, hidden]`.
-pub(crate) fn swiglu(x: &[f32], mlp: &Mlp, out: &mut [f32]) {
-    run_expert(x, mlp.expert(), out)
-}
-
-/// Runs one expert (any layout, any tier) over `x`: `[n, hidden]` into `out`.
-pub(crate) fn run_expert(x: &[f32], e: ExpertRef<'_>, out: &mut [f32]) {
+/// Runs one expert (any layout, any tier) over `x`: `[n, hidden]` into `out`, with `act`
+/// as the `[2, n, ffn]` activation scratch.
+pub(crate) fn run_expert(x: &[f32], e: ExpertRef<'_>, act: &mut Vec<f32>, out: &mut [f32]) {
     let n = x.len() / e.hidden();
-    let mut act = vec![0f32; 2 * n * e.ffn()];
-    expert_swiglu(x, e, &mut act, out);
+    expert_swiglu(x, e, zeroed(act, 2 * n * e.ffn()), out);
 }

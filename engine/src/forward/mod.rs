@@ -14,6 +14,7 @@ use hetmoe_cpu_kernels::{matmul, norm::rms_norm};
 use crate::engine::Model;
 use crate::error::EngineResult;
 use crate::kv_cache::Sequence;
+use crate::scratch::{zeroed, Scratch};
 use crate::weights::FfnWeights;
 
 pub use moe::Routing;
@@ -66,6 +67,7 @@ pub(crate) fn forward(
     items: &mut [BatchItem<'_>],
     mode: LogitsMode,
     obs: &mut (dyn ForwardObserver + Send),
+    sc: &mut Scratch,
 ) -> EngineResult<Vec<Vec<f32>>> {
     let spec = &model.spec;
     let w = &model.weights;
@@ -73,37 +75,38 @@ pub(crate) fn forward(
     let n_tokens: usize = items.iter().map(|i| i.tokens.len()).sum();
 
     // [n_tokens, hidden]
-    let mut x = vec![0f32; n_tokens * h];
+    let Scratch { x, xn, y, attn, moe: moe_sc, mlp_act } = sc;
+    let x = zeroed(x, n_tokens * h);
     let embed = w.embed.mat();
     for (row, &tok) in x.chunks_exact_mut(h).zip(items.iter().flat_map(|i| i.tokens.iter())) {
         embed.row_to_f32(tok as usize, row);
     }
-    obs.hidden_state(0, &x);
+    obs.hidden_state(0, x);
 
-    let mut xn = vec![0f32; n_tokens * h];
-    let mut y = vec![0f32; n_tokens * h];
+    let xn = zeroed(xn, n_tokens * h);
+    let y = zeroed(y, n_tokens * h);
     for (l, layer) in w.layers.iter().enumerate() {
-        rms_norm_rows(&x, &layer.attn_norm, spec.rms_norm_eps, &mut xn);
-        attention::forward(model, l, &layer.attn, &xn, items, &mut y);
-        add_into(&mut x, &y);
+        rms_norm_rows(x, &layer.attn_norm, spec.rms_norm_eps, xn);
+        attention::forward(model, l, &layer.attn, xn, items, attn, y);
+        add_into(x, y);
 
-        rms_norm_rows(&x, &layer.ffn_norm, spec.rms_norm_eps, &mut xn);
+        rms_norm_rows(x, &layer.ffn_norm, spec.rms_norm_eps, xn);
         match &layer.ffn {
-            FfnWeights::Dense(mlp) => mlp::swiglu(&xn, mlp, &mut y),
+            FfnWeights::Dense(m) => mlp::run_expert(xn, m.expert(), mlp_act, y),
             FfnWeights::Moe(moe) => {
-                let routing = moe::forward(spec, l, moe, model.experts.as_ref(), &xn, &mut y)?;
-                obs.moe_block(l, &xn, &routing, &y);
+                moe::forward(spec, l, moe, model.experts.as_ref(), xn, moe_sc, y)?;
+                obs.moe_block(l, xn, &moe_sc.routing, y);
             }
         }
-        add_into(&mut x, &y);
-        obs.hidden_state(l + 1, &x);
+        add_into(x, y);
+        obs.hidden_state(l + 1, x);
     }
     for item in items.iter_mut() {
         item.seq.tokens.extend_from_slice(item.tokens);
     }
 
-    rms_norm_rows(&x, &w.final_norm, spec.rms_norm_eps, &mut xn);
-    obs.final_hidden(&xn);
+    rms_norm_rows(x, &w.final_norm, spec.rms_norm_eps, xn);
+    obs.final_hidden(xn);
 
     let lm_head = w.lm_head().mat();
     let vocab = lm_head.rows();

@@ -4,13 +4,14 @@
 use hetmoe_cpu_kernels::{matmul, softmax::sigmoid, softmax::softmax_inplace, topk::top_k};
 use hetmoe_storage::ModelSpec;
 
-use super::mlp::{run_expert, swiglu};
+use super::mlp::run_expert;
 use crate::error::EngineResult;
 use crate::experts::ExpertAccess;
+use crate::scratch::{zeroed, MoeScratch};
 use crate::weights::MoeWeights;
 
 /// Routing decisions of one MoE layer for a batch of tokens.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Routing {
     pub n_tokens: usize,
     pub n_experts: usize,
@@ -35,20 +36,23 @@ impl Routing {
 }
 
 /// Softmax router with top-k, as Mixtral, Qwen2/3-MoE and OLMoE compute it.
-pub(crate) fn route(spec: &ModelSpec, moe: &MoeWeights, x: &[f32]) -> Routing {
+pub(crate) fn route(spec: &ModelSpec, moe: &MoeWeights, x: &[f32], probs: &mut Vec<f32>, r: &mut Routing) {
     let (e, k) = (spec.moe.n_experts, spec.moe.top_k);
     let n = x.len() / spec.hidden;
-    let mut logits = vec![0f32; n * e];
-    matmul(x, moe.router.mat(), &mut logits);
-    let mut expert_ids = vec![0usize; n * k];
-    let mut weights = vec![0f32; n * k];
-    let mut probs = vec![0f32; e];
+    r.n_tokens = n;
+    r.n_experts = e;
+    r.top_k = k;
+    matmul(x, moe.router.mat(), zeroed(&mut r.router_logits, n * e));
+    r.expert_ids.clear();
+    r.expert_ids.resize(n * k, 0);
+    zeroed(&mut r.weights, n * k);
+    let probs = zeroed(probs, e);
     for t in 0..n {
-        probs.copy_from_slice(&logits[t * e..(t + 1) * e]);
-        softmax_inplace(&mut probs);
-        let ids = &mut expert_ids[t * k..(t + 1) * k];
-        top_k(&probs, ids);
-        let w = &mut weights[t * k..(t + 1) * k];
+        probs.copy_from_slice(&r.router_logits[t * e..(t + 1) * e]);
+        softmax_inplace(probs);
+        let ids = &mut r.expert_ids[t * k..(t + 1) * k];
+        top_k(probs, ids);
+        let w = &mut r.weights[t * k..(t + 1) * k];
         for (wi, &id) in w.iter_mut().zip(ids.iter()) {
             *wi = probs[id];
         }
@@ -59,40 +63,55 @@ pub(crate) fn route(spec: &ModelSpec, moe: &MoeWeights, x: &[f32]) -> Routing {
             }
         }
     }
-    Routing { n_tokens: n, n_experts: e, top_k: k, router_logits: logits, expert_ids, weights }
 }
 
-/// `x`: `[n, hidden]` (after `post_attention_layernorm`) → `out`: `[n, hidden]`.
+/// `x`: `[n, hidden]` (after `post_attention_layernorm`) → `out`: `[n, hidden]`. The
+/// routing is left in `sc.routing`.
 pub(crate) fn forward(
     spec: &ModelSpec,
     layer: usize,
     moe: &MoeWeights,
     access: &dyn ExpertAccess,
     x: &[f32],
+    sc: &mut MoeScratch,
     out: &mut [f32],
-) -> EngineResult<Routing> {
+) -> EngineResult<()> {
     let h = spec.hidden;
-    let routing = route(spec, moe, x);
-    let (n, k) = (routing.n_tokens, routing.top_k);
+    route(spec, moe, x, &mut sc.probs, &mut sc.routing);
+    let MoeScratch { routing, slots, order, offsets, xe, ye, act, shared_y, gate, .. } = sc;
+    let (n, k, n_experts) = (routing.n_tokens, routing.top_k, routing.n_experts);
+
+    // Group (token, rank) slots by expert: counting sort over expert ids.
+    offsets.clear();
+    offsets.resize(n_experts + 1, 0);
+    for &e in &routing.expert_ids {
+        offsets[e + 1] += 1;
+    }
+    for e in 0..n_experts {
+        offsets[e + 1] += offsets[e];
+    }
+    order.clear();
+    order.resize(n * k, 0);
+    let mut fill = offsets.clone();
+    for (slot, &e) in routing.expert_ids.iter().enumerate() {
+        order[fill[e]] = slot;
+        fill[e] += 1;
+    }
 
     // Each (token, rank) slot gets its weighted expert output; slots are summed in rank
     // order below, so the result is independent of the order experts run in.
-    let mut slots = vec![0f32; n * k * h]; // [n, k, hidden]
-    let mut members: Vec<Vec<usize>> = vec![Vec::new(); routing.n_experts]; // slot indices
-    for (slot, &e) in routing.expert_ids.iter().enumerate() {
-        members[e].push(slot);
-    }
-    let active: Vec<usize> = (0..routing.n_experts).filter(|&e| !members[e].is_empty()).collect();
+    let slots = zeroed(slots, n * k * h); // [n, k, hidden]
+    let active: Vec<usize> = (0..n_experts).filter(|&e| offsets[e + 1] > offsets[e]).collect();
     access.with_experts(layer, &moe.experts, &active, &mut |e, weights| {
-        let slots_of_e = &members[e];
+        let slots_of_e = &order[offsets[e]..offsets[e + 1]];
         let m = slots_of_e.len();
-        let mut xe = vec![0f32; m * h]; // [m, hidden]
+        let xe = zeroed(xe, m * h); // [m, hidden]
         for (row, &slot) in xe.chunks_exact_mut(h).zip(slots_of_e) {
             let t = slot / k;
             row.copy_from_slice(&x[t * h..(t + 1) * h]);
         }
-        let mut ye = vec![0f32; m * h];
-        run_expert(&xe, weights, &mut ye);
+        let ye = zeroed(ye, m * h);
+        run_expert(xe, weights, act, ye);
         for (row, &slot) in ye.chunks_exact(h).zip(slots_of_e) {
             let w = routing.weights[slot];
             for (s, &v) in slots[slot * h..(slot + 1) * h].iter_mut().zip(row) {
@@ -112,14 +131,15 @@ pub(crate) fn forward(
     }
 
     if let Some(shared) = &moe.shared {
-        let mut ys = vec![0f32; n * h];
-        swiglu(x, shared, &mut ys);
-        let mut gate = vec![1f32; n];
-        if let Some(g) = &moe.shared_gate {
-            matmul(x, g.mat(), &mut gate);
-            for v in gate.iter_mut() {
-                *v = sigmoid(*v);
+        let ys = zeroed(shared_y, n * h);
+        run_expert(x, shared.expert(), act, ys);
+        let gate = zeroed(gate, n);
+        match &moe.shared_gate {
+            Some(g) => {
+                matmul(x, g.mat(), gate);
+                gate.iter_mut().for_each(|v| *v = sigmoid(*v));
             }
+            None => gate.fill(1.0),
         }
         for t in 0..n {
             for (a, &b) in out[t * h..(t + 1) * h].iter_mut().zip(&ys[t * h..(t + 1) * h]) {
@@ -127,5 +147,5 @@ pub(crate) fn forward(
             }
         }
     }
-    Ok(routing)
+    Ok(())
 }
