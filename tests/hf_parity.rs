@@ -256,3 +256,30 @@ fn thread_count_does_not_change_logits() {
     };
     assert_eq!(run(1), run(3));
 }
+
+/// q8 weights on the fixtures: greedy tokens against the float32 reference (teacher-forced
+/// top-1 agreement over the full sequence) and the logit error, printed for the notes.
+#[test]
+fn q8_weights_keep_fixture_greedy_choices() {
+    use hetmoe::WeightFormat;
+    for arch in ARCHS {
+        let r = Reference::load(arch);
+        let e = Engine::load(
+            fixture(arch).join("model"),
+            EngineOptions { weights: WeightFormat::Q8, ..Default::default() },
+        )
+        .unwrap();
+        let ids = r.get("full_ids").ids();
+        let got = e.forward(&mut e.new_sequence(), &ids, LogitsMode::All).unwrap();
+        let want = &r.get("full_logits").f32;
+        let vocab = e.spec().vocab;
+        let argmax = |row: &[f32]| row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
+        let n = ids.len();
+        let agree = (0..n)
+            .filter(|&p| argmax(&got[p * vocab..(p + 1) * vocab]) == argmax(&want[p * vocab..(p + 1) * vocab]))
+            .count();
+        let d = max_abs_diff(&got, want);
+        eprintln!("{arch} q8: top-1 agreement {agree}/{n}, max logit error {d:.4}");
+        assert!(agree * 10 >= n * 9, "{arch}: q8 top-1 agreement {agree}/{n}");
+    }
+}
