@@ -273,13 +273,68 @@ fn q8_weights_keep_fixture_greedy_choices() {
         let got = e.forward(&mut e.new_sequence(), &ids, LogitsMode::All).unwrap();
         let want = &r.get("full_logits").f32;
         let vocab = e.spec().vocab;
-        let argmax = |row: &[f32]| row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
+        let argmax =
+            |row: &[f32]| row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
         let n = ids.len();
         let agree = (0..n)
-            .filter(|&p| argmax(&got[p * vocab..(p + 1) * vocab]) == argmax(&want[p * vocab..(p + 1) * vocab]))
+            .filter(|&p| {
+                argmax(&got[p * vocab..(p + 1) * vocab]) == argmax(&want[p * vocab..(p + 1) * vocab])
+            })
             .count();
         let d = max_abs_diff(&got, want);
         eprintln!("{arch} q8: top-1 agreement {agree}/{n}, max logit error {d:.4}");
         assert!(agree * 10 >= n * 9, "{arch}: q8 top-1 agreement {agree}/{n}");
+    }
+}
+
+/// Shapes the main fixtures do not cover (tied embeddings, top-1 and top-3 routing, no GQA
+/// and 4:1 GQA, dense layers, a sliding window shorter than the sequence, clip_qkv,
+/// attention bias), made by `tools/make_variant_fixtures.py` with transformers.
+#[test]
+fn variant_shapes_match_reference() {
+    let dir = repo().join("tests/fixtures/variants");
+    let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names.len(), 4);
+    for name in names {
+        let root = dir.join(&name);
+        let bytes = std::fs::read(root.join("reference.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let ints = |n: &str| -> Vec<u32> {
+            st.tensor(n)
+                .unwrap()
+                .data()
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+                .collect()
+        };
+        let floats = |n: &str| -> Vec<f32> {
+            st.tensor(n)
+                .unwrap()
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        let engine = Engine::load(root.join("model"), EngineOptions::default()).unwrap();
+        let (prompt, generated) = (ints("prompt_ids"), ints("generated_ids"));
+        let full = [prompt.clone(), generated.clone()].concat();
+        let logits = engine.forward(&mut engine.new_sequence(), &full, LogitsMode::All).unwrap();
+        let d = assert_close(&format!("{name:?}: full logits"), &logits, &floats("full_logits"), LOGITS_TOL);
+        let opts = GenerateOptions {
+            max_new_tokens: generated.len(),
+            stop_tokens: Some(vec![]),
+            keep_logits: true,
+            ..Default::default()
+        };
+        let g = engine.generate(&prompt, &opts, |_| std::ops::ControlFlow::Continue(())).unwrap();
+        assert_eq!(g.generated_ids, generated, "{name:?}: greedy tokens");
+        assert_close(
+            &format!("{name:?}: step logits"),
+            g.step_logits.as_ref().unwrap(),
+            &floats("gen_step_logits"),
+            LOGITS_TOL,
+        );
+        eprintln!("{name:?}: full logits max abs diff {d:e}");
     }
 }
