@@ -293,7 +293,12 @@ fn q8_weights_keep_fixture_greedy_choices() {
 #[test]
 fn variant_shapes_match_reference() {
     let dir = repo().join("tests/fixtures/variants");
-    let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_dir())
+        .map(|e| e.file_name())
+        .collect();
     names.sort();
     assert_eq!(names.len(), 4);
     for name in names {

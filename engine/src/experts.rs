@@ -12,15 +12,25 @@ use hetmoe_cpu_kernels::moe::ExpertRef;
 use crate::error::EngineResult;
 use crate::weights::Mlp;
 
+/// What one MoE layer step needs.
+#[derive(Debug, Clone, Copy)]
+#[allow(dead_code)] // layer, n_tokens and probs are read by the offloaded access (next commit)
+pub(crate) struct ExpertRequest<'a> {
+    pub layer: usize,
+    pub n_tokens: usize,
+    /// `[n_tokens, n_experts]` router softmax probabilities.
+    pub router_probs: &'a [f32],
+    /// Experts used by at least one token, ascending.
+    pub experts: &'a [usize],
+}
+
 pub(crate) trait ExpertAccess: Send + Sync + Debug {
-    /// Calls `run(expert, weights)` exactly once for each id in `experts` (ascending,
-    /// unique) of MoE layer `layer`. `resident` holds the layer's in-memory experts
-    /// (empty when experts are offloaded).
+    /// Calls `run(expert, weights)` exactly once for each of `req.experts`. `resident`
+    /// holds the layer's in-memory experts (empty when experts are offloaded).
     fn with_experts(
         &self,
-        layer: usize,
+        req: &ExpertRequest<'_>,
         resident: &[Mlp],
-        experts: &[usize],
         run: &mut dyn FnMut(usize, ExpertRef<'_>),
     ) -> EngineResult<()>;
 }
@@ -32,12 +42,11 @@ pub(crate) struct Resident;
 impl ExpertAccess for Resident {
     fn with_experts(
         &self,
-        _layer: usize,
+        req: &ExpertRequest<'_>,
         resident: &[Mlp],
-        experts: &[usize],
         run: &mut dyn FnMut(usize, ExpertRef<'_>),
     ) -> EngineResult<()> {
-        for &e in experts {
+        for &e in req.experts {
             run(e, resident[e].expert());
         }
         Ok(())

@@ -6,7 +6,7 @@ use hetmoe_storage::ModelSpec;
 
 use super::mlp::run_expert;
 use crate::error::EngineResult;
-use crate::experts::ExpertAccess;
+use crate::experts::{ExpertAccess, ExpertRequest};
 use crate::scratch::{zeroed, MoeScratch};
 use crate::weights::MoeWeights;
 
@@ -46,15 +46,17 @@ pub(crate) fn route(spec: &ModelSpec, moe: &MoeWeights, x: &[f32], probs: &mut V
     r.expert_ids.clear();
     r.expert_ids.resize(n * k, 0);
     zeroed(&mut r.weights, n * k);
-    let probs = zeroed(probs, e);
+    // [n, n_experts] softmax probabilities, kept for the expert cache's policies.
+    let probs = zeroed(probs, n * e);
     for t in 0..n {
-        probs.copy_from_slice(&r.router_logits[t * e..(t + 1) * e]);
-        softmax_inplace(probs);
+        let p = &mut probs[t * e..(t + 1) * e];
+        p.copy_from_slice(&r.router_logits[t * e..(t + 1) * e]);
+        softmax_inplace(p);
         let ids = &mut r.expert_ids[t * k..(t + 1) * k];
-        top_k(probs, ids);
+        top_k(p, ids);
         let w = &mut r.weights[t * k..(t + 1) * k];
         for (wi, &id) in w.iter_mut().zip(ids.iter()) {
-            *wi = probs[id];
+            *wi = p[id];
         }
         if spec.moe.norm_topk_prob {
             let sum: f32 = w.iter().sum();
@@ -78,7 +80,7 @@ pub(crate) fn forward(
 ) -> EngineResult<()> {
     let h = spec.hidden;
     route(spec, moe, x, &mut sc.probs, &mut sc.routing);
-    let MoeScratch { routing, slots, order, offsets, xe, ye, act, shared_y, gate, .. } = sc;
+    let MoeScratch { routing, probs, slots, order, offsets, xe, ye, act, shared_y, gate } = sc;
     let (n, k, n_experts) = (routing.n_tokens, routing.top_k, routing.n_experts);
 
     // Group (token, rank) slots by expert: counting sort over expert ids.
@@ -102,7 +104,8 @@ pub(crate) fn forward(
     // order below, so the result is independent of the order experts run in.
     let slots = zeroed(slots, n * k * h); // [n, k, hidden]
     let active: Vec<usize> = (0..n_experts).filter(|&e| offsets[e + 1] > offsets[e]).collect();
-    access.with_experts(layer, &moe.experts, &active, &mut |e, weights| {
+    let request = ExpertRequest { layer, n_tokens: n, router_probs: probs, experts: &active };
+    access.with_experts(&request, &moe.experts, &mut |e, weights| {
         let slots_of_e = &order[offsets[e]..offsets[e + 1]];
         let m = slots_of_e.len();
         let xe = zeroed(xe, m * h); // [m, hidden]
