@@ -112,6 +112,50 @@ fn replay(t: &Trace, n_tokens: usize, slots: usize, policy: PolicyKind, window: 
     })
 }
 
+/// Belady's MIN over the same accesses (evict the resident expert whose next use is
+/// farthest, never one of the current step's): the best hit rate any eviction policy
+/// could reach without prefetching, for reference.
+fn oracle(t: &Trace, n_tokens: usize, slots: usize) -> Outcome {
+    let (l_n, k) = (t.n_layers, t.top_k);
+    let n = n_tokens * l_n * k;
+    let key = |i: usize| (i / k % l_n, t.topk[i] as usize);
+    // next[i]: index of the next access of the same expert after access i.
+    let mut next = vec![usize::MAX; n];
+    let mut seen = std::collections::HashMap::new();
+    for i in (0..n).rev() {
+        next[i] = seen.insert(key(i), i).unwrap_or(usize::MAX);
+    }
+    let mut resident: Vec<((usize, usize), usize)> = Vec::with_capacity(slots); // (key, next use)
+    let (mut hits, mut layer_hits, mut loads) = (0u64, vec![0u64; l_n], 0u64);
+    for i in 0..n {
+        let kk = key(i);
+        let step_start = i - i % k;
+        if let Some(r) = resident.iter_mut().find(|r| r.0 == kk) {
+            r.1 = next[i];
+            hits += 1;
+            layer_hits[kk.0] += 1;
+            continue;
+        }
+        loads += 1;
+        if resident.len() == slots {
+            let step: Vec<_> = (step_start..i).map(key).collect();
+            let victim = (0..resident.len())
+                .filter(|&j| !step.contains(&resident[j].0))
+                .max_by_key(|&j| resident[j].1)
+                .unwrap_or(0);
+            resident.swap_remove(victim);
+        }
+        resident.push((kk, next[i]));
+    }
+    let per_layer_total = (n / l_n) as f64;
+    Outcome {
+        hit_rate: hits as f64 / n as f64,
+        per_layer: layer_hits.iter().map(|&h| h as f64 / per_layer_total).collect(),
+        loads,
+        evictions: loads.saturating_sub(slots as u64),
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let t = load(&args.trace)?;
@@ -145,5 +189,11 @@ fn main() -> Result<()> {
         }
         println!(" {:>10} {:>10}", o.loads, o.evictions);
     }
+    let o = oracle(&t, n_tokens, slots);
+    print!("{:<7} {:>8.2}%", "oracle", 100.0 * o.hit_rate);
+    for h in &o.per_layer {
+        print!(" {:>7.2}%", 100.0 * h);
+    }
+    println!(" {:>10} {:>10}   (Belady MIN: bound for any policy without prefetch)", o.loads, o.evictions);
     Ok(())
 }
