@@ -22,6 +22,33 @@
 //! slots (`for_each` holds one at a time); instead of blocking forever, it then fails
 //! with [`OffloadError::AllSlotsPinned`].
 //!
+//! ```
+//! use hetmoe_offload::{CacheConfig, ExpertCache, ExpertId, ExpertKey, LayerId, MemSource, OffloadError, PolicyKind, Step};
+//!
+//! // 2 layers × 8 experts of 1 KiB; a budget of 4 slots; top_k = 2.
+//! let source = MemSource::synthetic(2, 8, 1024);
+//! let config = CacheConfig::new(4 * 1024, 2).with_policy(PolicyKind::Lru).with_window(1);
+//! let cache = ExpertCache::new(source, config)?;
+//!
+//! // One layer step: the router chose experts 3 and 5 for this token.
+//! let (layer, probs, used) = (LayerId(0), [0.0f32, 0.0, 0.1, 0.5, 0.0, 0.3, 0.1, 0.0], [ExpertId(3), ExpertId(5)]);
+//! cache.on_step(&Step { layer, n_tokens: 1, router_probs: &probs, used: &used });
+//! cache.prefetch(&[ExpertKey::new(1, 2)]); // a predictor's guess for the next layer
+//! let keys: Vec<ExpertKey> = used.iter().map(|&expert| ExpertKey { layer, expert }).collect();
+//! // Streams through the slots however many experts there are.
+//! cache.for_each(&keys, |key, bytes| -> Result<(), OffloadError> {
+//!     assert_eq!(bytes, MemSource::pattern(key, 1024).as_slice()); // run expert `key` on `bytes`
+//!     Ok(())
+//! })?;
+//! // Or pin explicitly (never more guards than slots):
+//! let g = cache.acquire(keys[0])?;
+//! assert_eq!(g.bytes().len(), 1024);
+//! drop(g);
+//! let m = cache.metrics();
+//! assert_eq!((m.hits, m.misses), (1, 2));
+//! # Ok::<(), OffloadError>(())
+//! ```
+//!
 //! # Eviction
 //! A load takes a free slot, else evicts an unpinned, loaded expert. Candidates fall in
 //! three protection classes, and the victim comes from the lowest non-empty class:
