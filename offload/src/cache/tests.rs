@@ -428,3 +428,25 @@ fn concurrent_acquirers_and_prefetchers() {
     c.check_invariants().unwrap();
     assert!(c.resident_bytes() <= c.budget_bytes());
 }
+
+#[test]
+fn every_waiter_of_a_failed_load_gets_the_error() {
+    let c = cache(2, PolicyKind::Lru, 0);
+    c.source().fail(k(1, 3), true);
+    c.source().set_delay(Duration::from_millis(30));
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..3).map(|_| s.spawn(|| c.acquire(k(1, 3)).map(|g| g.key()))).collect();
+        for h in hs {
+            let r = h.join().unwrap();
+            assert!(matches!(r, Err(OffloadError::Load { layer: 1, expert: 3, .. })), "{r:?}");
+        }
+    });
+    c.wait_idle();
+    c.check_invariants().unwrap();
+    assert_eq!(c.resident_bytes(), 0);
+    // One read served all three waiters (unless a waiter arrived after the failure).
+    assert!(c.source().reads_of(k(1, 3)) <= 3);
+    c.source().set_delay(Duration::ZERO);
+    get(&c, k(0, 0));
+    get(&c, k(0, 1));
+}
