@@ -8,8 +8,10 @@ use crate::error::{EngineError, EngineResult};
 use crate::experts::{ExpertAccess, Resident};
 use crate::forward::{self, BatchItem, ForwardObserver, LogitsMode, NoObserver};
 use crate::kv_cache::Sequence;
+use crate::offload::{CachedExperts, ExpertLayout};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::{self, ModelWeights, WeightFormat};
+use hetmoe_offload::{CacheConfig, CacheMetrics, ExpertCache, ExpertSource};
 
 /// How to load a model.
 #[derive(Debug, Clone, Default)]
@@ -47,9 +49,45 @@ pub struct Engine {
 impl Engine {
     /// Loads a Hugging Face model folder (`config.json`, safetensors, optional `tokenizer.json`).
     pub fn load(dir: impl AsRef<Path>, options: EngineOptions) -> EngineResult<Self> {
-        let dir = dir.as_ref();
+        Self::build(dir.as_ref(), options, |_| Ok(Box::new(Resident)))
+    }
+
+    /// Loads a model whose routed experts come from `source` through a byte-budgeted
+    /// [`ExpertCache`] configured by `cache`, instead of from the checkpoint. The expert
+    /// tensors of the checkpoint are not read. Results are bit-identical to [`Engine::load`]
+    /// with the same weight format.
+    pub fn load_offloaded<S: ExpertSource + ExpertLayout>(
+        dir: impl AsRef<Path>,
+        options: EngineOptions,
+        source: S,
+        cache: CacheConfig,
+    ) -> EngineResult<Self> {
+        Self::build(dir.as_ref(), options, move |spec| {
+            let (ffn, hidden) = source.dims();
+            if (ffn, hidden) != (spec.moe.expert_ffn, spec.hidden) {
+                return Err(EngineError::InvalidOption {
+                    option: "offload",
+                    reason: format!(
+                        "the expert source holds experts of {ffn}x{hidden}, the model's are {}x{}",
+                        spec.moe.expert_ffn, spec.hidden
+                    ),
+                });
+            }
+            let total = spec.moe.n_experts * spec.moe_layers().len();
+            let cache = cache.with_max_slots(total.max(spec.moe.top_k));
+            let cache = ExpertCache::new(source, CacheConfig { top_k: spec.moe.top_k, ..cache })?;
+            Ok(Box::new(CachedExperts { cache }))
+        })
+    }
+
+    fn build(
+        dir: &Path,
+        options: EngineOptions,
+        experts: impl FnOnce(&ModelSpec) -> EngineResult<Box<dyn ExpertAccess>>,
+    ) -> EngineResult<Self> {
         let (spec, ckpt) = open_model_dir(dir)?;
-        let weights = weights::load(&spec, &ckpt, options.weights)?;
+        let experts = experts(&spec)?;
+        let weights = weights::load(&spec, &ckpt, options.weights, experts.is_resident())?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.exists() { Some(TextTokenizer::from_file(&tok_path)?) } else { None };
         if options.threads == Some(0) {
@@ -70,7 +108,6 @@ impl Engine {
             threads = pool.current_num_threads(),
             "model loaded"
         );
-        let experts: Box<dyn ExpertAccess> = Box::new(Resident);
         Ok(Engine {
             model: Model { spec, weights, inv_freq, experts },
             tokenizer,
@@ -154,7 +191,13 @@ impl Engine {
     /// one embedding row and the KV cache. The roofline of decode is this divided by the
     /// memory bandwidth.
     pub fn decode_bytes_per_token(&self, context: usize) -> u64 {
-        self.model.weights.decode_bytes(&self.model.spec, context)
+        let expert_bytes = self.model.experts.expert_bytes();
+        self.model.weights.decode_bytes(&self.model.spec, context, expert_bytes)
+    }
+
+    /// Metrics of the expert cache, when experts are offloaded.
+    pub fn expert_cache_metrics(&self) -> Option<CacheMetrics> {
+        self.model.experts.metrics()
     }
 
     /// Checks ids against the vocabulary and the positions against the model's maximum.

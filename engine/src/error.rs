@@ -6,6 +6,8 @@ pub type EngineResult<T> = Result<T, EngineError>;
 pub enum EngineError {
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Offload(#[from] hetmoe_offload::OffloadError),
     #[error("token id {token} at prompt position {position} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { token: u32, position: usize, vocab: usize },
     #[error("the prompt is empty")]

@@ -14,7 +14,6 @@ use crate::weights::Mlp;
 
 /// What one MoE layer step needs.
 #[derive(Debug, Clone, Copy)]
-#[allow(dead_code)] // layer, n_tokens and probs are read by the offloaded access (next commit)
 pub(crate) struct ExpertRequest<'a> {
     pub layer: usize,
     pub n_tokens: usize,
@@ -33,6 +32,21 @@ pub(crate) trait ExpertAccess: Send + Sync + Debug {
         resident: &[Mlp],
         run: &mut dyn FnMut(usize, ExpertRef<'_>),
     ) -> EngineResult<()>;
+
+    /// Whether the experts are the checkpoint's, in memory.
+    fn is_resident(&self) -> bool {
+        false
+    }
+
+    /// Bytes one routed expert occupies where it is read from (0 when unknown).
+    fn expert_bytes(&self) -> usize {
+        0
+    }
+
+    /// Cache metrics, when experts come through a cache.
+    fn metrics(&self) -> Option<hetmoe_offload::CacheMetrics> {
+        None
+    }
 }
 
 /// Every expert in memory (memory-mapped or quantized at load).
@@ -40,6 +54,10 @@ pub(crate) trait ExpertAccess: Send + Sync + Debug {
 pub(crate) struct Resident;
 
 impl ExpertAccess for Resident {
+    fn is_resident(&self) -> bool {
+        true
+    }
+
     fn with_experts(
         &self,
         req: &ExpertRequest<'_>,

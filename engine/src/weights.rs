@@ -233,7 +233,8 @@ impl Mlp {
 
 impl ModelWeights {
     /// See [`crate::Engine::decode_bytes_per_token`].
-    pub(crate) fn decode_bytes(&self, spec: &ModelSpec, context: usize) -> u64 {
+    /// `expert_bytes` is used for experts that are not in memory.
+    pub(crate) fn decode_bytes(&self, spec: &ModelSpec, context: usize, expert_bytes: usize) -> u64 {
         let vec_bytes = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, |v| v.len() * 4);
         let mut total = self.final_norm.len() * 4 + self.lm_head().mat().size_bytes();
         total += self.embed.mat().size_bytes() / spec.vocab;
@@ -250,7 +251,7 @@ impl ModelWeights {
             total += match &l.ffn {
                 FfnWeights::Dense(m) => m.size_bytes(),
                 FfnWeights::Moe(m) => {
-                    let expert = m.experts.first().map_or(0, Mlp::size_bytes);
+                    let expert = m.experts.first().map_or(expert_bytes, Mlp::size_bytes);
                     m.router.mat().size_bytes()
                         + spec.moe.top_k * expert
                         + m.shared.as_ref().map_or(0, Mlp::size_bytes)
@@ -297,8 +298,14 @@ impl Loader<'_> {
     }
 }
 
-/// Reads and shape-checks every weight the forward pass of `spec` uses.
-pub(crate) fn load(spec: &ModelSpec, ckpt: &Checkpoint, format: WeightFormat) -> EngineResult<ModelWeights> {
+/// Reads and shape-checks every weight; routed experts only when `with_experts` (offloaded
+/// experts live in the expert store instead).
+pub(crate) fn load(
+    spec: &ModelSpec,
+    ckpt: &Checkpoint,
+    format: WeightFormat,
+    with_experts: bool,
+) -> EngineResult<ModelWeights> {
     use WeightKey::*;
     let ld = Loader { spec, ckpt, format };
     let (h, v) = (spec.hidden, spec.vocab);
@@ -339,7 +346,7 @@ pub(crate) fn load(spec: &ModelSpec, ckpt: &Checkpoint, format: WeightFormat) ->
             }
             FfnKind::Moe => {
                 let m = &spec.moe;
-                let experts = (0..m.n_experts)
+                let experts = (0..if with_experts { m.n_experts } else { 0 })
                     .map(|e| ld.mlp([ExpertGate(l, e), ExpertUp(l, e), ExpertDown(l, e)], m.expert_ffn))
                     .collect::<EngineResult<Vec<_>>>()?;
                 let shared = m
