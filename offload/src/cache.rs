@@ -155,6 +155,9 @@ struct State<B> {
     current: Vec<ExpertKey>,
     metrics: CacheMetrics,
     seq: u64,
+    /// Reads in progress, and since when at least one has been (for device throughput).
+    reading: u32,
+    busy_since: Option<Instant>,
     cand: Vec<(u8, ExpertKey, usize)>,
     cand_keys: Vec<ExpertKey>,
 }
@@ -272,6 +275,12 @@ impl<S: ExpertSource> Shared<S> {
             }
         };
         st.metrics.load_time += took;
+        st.reading = st.reading.saturating_sub(1);
+        if st.reading == 0 {
+            if let Some(t) = st.busy_since.take() {
+                st.metrics.read_busy_time += t.elapsed();
+            }
+        }
         match res {
             Ok(len) => {
                 s.state = SlotState::Ready { key: job.key, len, prefetched: prefetch };
@@ -315,6 +324,13 @@ impl<S: ExpertSource> Shared<S> {
 fn loader<S: ExpertSource>(shared: Arc<Shared<S>>, jobs: Receiver<Job<S::Buf>>) {
     for mut job in jobs.iter() {
         let t0 = Instant::now();
+        {
+            let mut st = shared.state.lock();
+            if st.reading == 0 {
+                st.busy_since = Some(t0);
+            }
+            st.reading += 1;
+        }
         let res = shared.read(&mut job);
         shared.finish(job, res, t0.elapsed());
     }
@@ -399,6 +415,8 @@ impl<S: ExpertSource> ExpertCache<S> {
             current: Vec::new(),
             metrics: CacheMetrics::default(),
             seq: 0,
+            reading: 0,
+            busy_since: None,
             cand: Vec::with_capacity(n_slots),
             cand_keys: Vec::with_capacity(n_slots),
         };

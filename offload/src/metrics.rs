@@ -38,6 +38,9 @@ pub struct CacheMetrics {
     /// Sum over loads of the time spent in [`ExpertSource::read`](crate::ExpertSource::read)
     /// (loads overlap, so this can exceed wall time).
     pub load_time: Duration,
+    /// Wall time during which at least one read was in progress: bytes over this is what
+    /// the source (the disk) delivered, whatever the number of loaders.
+    pub read_busy_time: Duration,
     /// Time `acquire` spent waiting (for a load, or for a slot to free up).
     pub stall_time: Duration,
     /// Loads issued by `prefetch`.
@@ -60,6 +63,17 @@ impl CacheMetrics {
     /// Hit rate of one layer (0 if never accessed).
     pub fn layer_hit_rate(&self, layer: usize) -> f64 {
         self.per_layer.get(layer).map_or(0.0, LayerMetrics::hit_rate)
+    }
+
+    /// Bytes loaded per second of wall time with a read in progress, in GB/s (10^9 bytes):
+    /// the throughput the source achieved.
+    pub fn read_gbs(&self) -> f64 {
+        let s = self.read_busy_time.as_secs_f64();
+        if s > 0.0 {
+            self.bytes_loaded as f64 / s / 1e9
+        } else {
+            0.0
+        }
     }
 
     /// Bytes loaded per second of summed load time, in GB/s (10^9 bytes). With several
