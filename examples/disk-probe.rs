@@ -67,12 +67,13 @@ fn main() -> anyhow::Result<()> {
     } else {
         store.new_reader()?
     };
-    let (mut raw, mut rd) = (Vec::new(), Vec::new());
+    let (mut raw, mut rd, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..a.repeat {
         let t = probe::direct_read(&a.store, a.qd, a.bs, u64::MAX)?;
         raw.push(t.gbs());
         let r = probe::read_all_extents(reader.as_mut(), &mut bufs)?;
         rd.push(r.gbs());
+        ratio.push(r.gbs() / t.gbs());
         println!(
             "run {i}: raw O_DIRECT {:.3} GB/s ({} B in {:.2?}, cpu {:.2?}) | {:?} reader {:.3} GB/s ({} B in {:.2?}, cpu {:.2?}) | {:.1}%",
             t.gbs(),
@@ -91,11 +92,11 @@ fn main() -> anyhow::Result<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (m_raw, m_rd) = (med(&mut raw), med(&mut rd));
+    let (m_raw, m_rd, m_ratio) = (med(&mut raw), med(&mut rd), med(&mut ratio));
     println!(
         "{}",
         serde_json::json!({"qd": a.qd, "bs": a.bs, "raw_gbs": m_raw, "reader_gbs": m_rd,
-            "ratio": m_rd / m_raw, "reader": format!("{:?}", reader.kind()), "registered": a.register,
+            "ratio_of_medians": m_rd / m_raw, "median_paired_ratio": m_ratio, "reader": format!("{:?}", reader.kind()), "registered": a.register,
             "batch": a.batch})
     );
     Ok(())
