@@ -2,8 +2,8 @@
 //!
 //! This crate owns everything that is read from disk: a Hugging Face model folder
 //! (`config.json` parsed once into a validated [`ModelSpec`], single-file or sharded
-//! safetensors memory-mapped zero-copy, one tensor-name table per architecture) and,
-//! later, the on-disk expert store and its readers.
+//! safetensors memory-mapped zero-copy, one tensor-name table per architecture) and the
+//! on-disk expert store with its readers ([`expert_store`]).
 //!
 //! It knows nothing of model math, caching policy or devices: it hands out typed,
 //! shape-checked views of bytes and says precisely what is wrong when a file is bad.
@@ -13,6 +13,7 @@ mod checkpoint;
 mod config;
 mod dtype;
 mod error;
+pub mod expert_store;
 mod ids;
 mod spec;
 mod tensor;
@@ -22,6 +23,10 @@ pub use checkpoint::Checkpoint;
 pub use config::parse_config;
 pub use dtype::DType;
 pub use error::{StorageError, StorageResult};
+pub use expert_store::{
+    repack, AlignedBuf, Encoding, ExpertReader, ExpertStore, ReadRequest, ReaderChoice, ReaderKind,
+    ReaderOptions,
+};
 pub use ids::{ExpertId, ExpertKey, LayerId};
 pub use spec::{
     Architecture, AttentionSpec, FfnKind, LayerSpec, ModelSpec, MoeSpec, QkNorm, RopeSpec, SharedExpertSpec,
