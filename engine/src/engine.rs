@@ -80,6 +80,27 @@ impl Engine {
         })
     }
 
+    /// Loads a model whose routed experts are read from the expert store at `store`
+    /// (made by `hetmoe::storage::repack` from this model folder) through a byte-budgeted
+    /// cache. The store must come from this checkpoint (checked).
+    pub fn load_with_store(
+        dir: impl AsRef<Path>,
+        options: EngineOptions,
+        store: impl AsRef<Path>,
+        cache: CacheConfig,
+    ) -> EngineResult<Self> {
+        let store = hetmoe_storage::ExpertStore::open(store)?;
+        store.check_source(dir.as_ref())?;
+        tracing::info!(
+            store = %store.path().display(),
+            encoding = store.encoding().name(),
+            budget_mb = cache.budget_bytes >> 20,
+            policy = %cache.policy,
+            "experts offloaded to the expert store"
+        );
+        Self::load_offloaded(dir, options, hetmoe_offload::StoreSource::new(store), cache)
+    }
+
     fn build(
         dir: &Path,
         options: EngineOptions,

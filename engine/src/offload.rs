@@ -65,3 +65,15 @@ impl<S: ExpertSource + ExpertLayout> ExpertAccess for CachedExperts<S> {
         Some(self.cache.metrics())
     }
 }
+
+impl ExpertLayout for hetmoe_offload::StoreSource {
+    fn dims(&self) -> (usize, usize) {
+        (self.store().ffn(), self.store().hidden())
+    }
+    fn expert_bytes(&self) -> usize {
+        self.store().extent_len()
+    }
+    fn expert_ref<'a>(&self, bytes: &'a [u8]) -> EngineResult<ExpertRef<'a>> {
+        Ok(self.store().expert_ref(bytes)?)
+    }
+}

@@ -87,6 +87,7 @@ mod error;
 mod metrics;
 mod policy;
 mod source;
+mod store_source;
 
 pub use cache::{CacheConfig, ExpertCache, ExpertGuard};
 pub use error::{OffloadError, OffloadResult};
@@ -94,3 +95,4 @@ pub use hetmoe_storage::{ExpertId, ExpertKey, LayerId};
 pub use metrics::{CacheMetrics, LayerMetrics};
 pub use policy::{EvictionPolicy, Lfu, Lru, PolicyKind, ScorePolicy, Step};
 pub use source::{ExpertSource, MemSource, MemSourceError};
+pub use store_source::StoreSource;

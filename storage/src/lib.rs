@@ -25,7 +25,7 @@ pub use dtype::DType;
 pub use error::{StorageError, StorageResult};
 pub use expert_store::{
     repack, AlignedBuf, Encoding, ExpertReader, ExpertStore, ReadRequest, ReaderChoice, ReaderKind,
-    ReaderOptions,
+    ReaderOptions, RepackControl, RepackProgress, RepackSummary,
 };
 pub use ids::{ExpertId, ExpertKey, LayerId};
 pub use spec::{
