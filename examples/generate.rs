@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use hetmoe::{Engine, EngineOptions, GenerateOptions, Sampling, WeightFormat};
+use hetmoe::{CacheConfig, Engine, EngineOptions, GenerateOptions, PolicyKind, Sampling, WeightFormat};
 
 #[derive(Parser, Debug)]
 #[command(about = "Generate text with a Mixture-of-Experts model (Hugging Face folder)")]
@@ -46,6 +46,25 @@ struct Args {
     /// Do not stop at the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Where routed experts live: `ram` (memory-mapped with the model) or `disk` (read
+    /// from the expert store `--store` through a cache of `--expert-cache-mb`).
+    #[arg(long, default_value = "ram")]
+    offload: String,
+    /// Expert store made by the `repack` example (required with `--offload disk`).
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Byte budget of the host expert cache, in MB (2^20 bytes).
+    #[arg(long, default_value_t = 256)]
+    expert_cache_mb: u64,
+    /// Eviction policy of the expert cache: score, lru or lfu.
+    #[arg(long, default_value = "score")]
+    cache_policy: PolicyKind,
+    /// Keep experts used by the last K tokens resident ("windowing"; 0 = off).
+    #[arg(long, default_value_t = 0)]
+    window: usize,
+    /// Threads reading experts from disk.
+    #[arg(long, default_value_t = 2)]
+    loader_threads: usize,
     /// Write f32 logits to this safetensors file: `prompt_logits` [n_prompt, vocab],
     /// `step_logits` [n_new, vocab].
     #[arg(long)]
@@ -65,8 +84,21 @@ fn main() -> Result<()> {
     let model = args.model.clone().unwrap_or_else(bundled_model);
 
     let t0 = Instant::now();
-    let engine = Engine::load(&model, EngineOptions { threads: args.threads, weights: args.weights })
-        .with_context(|| format!("loading {}", model.display()))?;
+    let options = EngineOptions { threads: args.threads, weights: args.weights };
+    let engine = match args.offload.as_str() {
+        "ram" => Engine::load(&model, options),
+        "disk" => {
+            let store =
+                args.store.as_ref().context("--offload disk needs --store STORE (see the repack example)")?;
+            let cache = CacheConfig::from_mb(args.expert_cache_mb, 1)
+                .with_policy(args.cache_policy)
+                .with_window(args.window)
+                .with_loader_threads(args.loader_threads);
+            Engine::load_with_store(&model, options, store, cache)
+        }
+        other => bail!("--offload {other}: expected ram or disk"),
+    }
+    .with_context(|| format!("loading {}", model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
 
     let prompt_ids = match (&args.prompt, &args.prompt_ids) {
@@ -131,7 +163,7 @@ fn main() -> Result<()> {
     if let Some(path) = &args.logits_out {
         write_logits(path, &gen, engine.spec().vocab)?;
     }
-    let summary = serde_json::json!({
+    let mut summary = serde_json::json!({
         "prompt_ids": gen.prompt_ids,
         "generated_ids": gen.generated_ids,
         "n_prompt": gen.prompt_ids.len(),
@@ -140,6 +172,27 @@ fn main() -> Result<()> {
         "prefill_tok_s": gen.prefill_tok_s(),
         "decode_tok_s": gen.decode_tok_s(),
     });
+    if let Some(m) = engine.expert_cache_metrics() {
+        let per_layer: Vec<String> = (0..engine.spec().n_layers)
+            .filter(|&l| engine.spec().is_moe_layer(l))
+            .map(|l| format!("{:.1}%", 100.0 * m.layer_hit_rate(l)))
+            .collect();
+        eprintln!(
+            "expert cache ({}): hit rate {:.1}% (per layer {}), {} loads, {:.1} MB read at {:.2} GB/s, \
+             compute stalled {:.3} s",
+            args.cache_policy,
+            100.0 * m.hit_rate(),
+            per_layer.join(" "),
+            m.loads,
+            m.bytes_loaded as f64 / 1e6,
+            m.read_gbs(),
+            m.stall_time.as_secs_f64()
+        );
+        summary["hit_rate"] = m.hit_rate().into();
+        summary["disk_bytes"] = m.bytes_loaded.into();
+        summary["disk_gbs"] = m.read_gbs().into();
+        summary["stall_s"] = m.stall_time.as_secs_f64().into();
+    }
     writeln!(out, "{summary}")?;
     Ok(())
 }
