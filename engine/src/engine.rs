@@ -221,6 +221,11 @@ impl Engine {
         self.model.experts.metrics()
     }
 
+    /// Zeroes the expert cache metrics (no-op when experts are resident).
+    pub fn reset_expert_cache_metrics(&self) {
+        self.model.experts.reset_metrics()
+    }
+
     /// Checks ids against the vocabulary and the positions against the model's maximum.
     pub(crate) fn check_tokens(&self, tokens: &[u32], already: usize) -> EngineResult<()> {
         let spec = &self.model.spec;

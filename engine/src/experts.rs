@@ -47,6 +47,9 @@ pub(crate) trait ExpertAccess: Send + Sync + Debug {
     fn metrics(&self) -> Option<hetmoe_offload::CacheMetrics> {
         None
     }
+
+    /// Zeroes the cache metrics (e.g. between prefill and decode).
+    fn reset_metrics(&self) {}
 }
 
 /// Every expert in memory (memory-mapped or quantized at load).

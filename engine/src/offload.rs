@@ -64,6 +64,10 @@ impl<S: ExpertSource + ExpertLayout> ExpertAccess for CachedExperts<S> {
     fn metrics(&self) -> Option<CacheMetrics> {
         Some(self.cache.metrics())
     }
+
+    fn reset_metrics(&self) {
+        self.cache.reset_metrics()
+    }
 }
 
 impl ExpertLayout for hetmoe_offload::StoreSource {
