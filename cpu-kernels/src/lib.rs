@@ -12,6 +12,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bandwidth;
 pub mod dispatch;
 mod error;
 pub mod matmul;
@@ -24,4 +25,4 @@ pub mod topk;
 
 pub use dispatch::{active_isa, force_isa, Isa};
 pub use error::KernelError;
-pub use matmul::{matmul, MatRef, WeightsRef};
+pub use matmul::{axpy_rows, matmul, MatRef, WeightsRef};
