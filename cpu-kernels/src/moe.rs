@@ -67,7 +67,8 @@ impl<'a> ExpertRef<'a> {
 ///
 /// Fused: gate and up rows are streamed once per neuron block for all `n` tokens (parallel
 /// over neuron blocks, SiLU·mul applied in the same task), then `downᵀ` once (parallel over
-/// column blocks). Bit-identical to [`expert_swiglu_unfused_with`], whatever the thread
+/// fixed blocks of its rows, whose sums are added in block order; see
+/// [`crate::matmul::axpy_rows_with`]). Bit-identical to [`expert_swiglu_unfused_with`], whatever the thread
 /// count, the number of tokens or the layout ([`ExpertRef::bundled`] or separate matrices).
 pub fn expert_swiglu(x: &[f32], e: ExpertRef<'_>, act: &mut [f32], out: &mut [f32]) {
     expert_swiglu_with(active_isa(), x, e, act, out)

@@ -12,8 +12,9 @@
 //! Multi-token tiles (up to [`NR`] rows × [`NT`] tokens) keep one accumulator per
 //! (token, row) pair and load each weight vector once per tile.
 //!
-//! `axpy_rows`: per output element `y = fma(a[j], w[j], y)` for j ascending, with
-//! quantized weights dequantized as `d · q` (one rounding, as the scalar oracle does).
+//! `axpy_rows` (one block of rows; the caller sums blocks in order): per output element
+//! `y = fma(a[j], w[j], y)` for j ascending, with quantized weights dequantized as `d · q`
+//! (one rounding, as the scalar oracle does).
 
 use std::arch::x86_64::*;
 
@@ -348,35 +349,26 @@ unsafe fn tiles<const K: u8, const QUANT: bool>(
     }
 }
 
-/// `y[t * y_stride + c] += Σ_j a[t * rows + j] · W[j, c]` for `c` in `c0..c1`.
-///
-/// # Safety
-/// `y` is valid for reads and writes at `t * y_stride + c` for `t < n_tokens`, `c` in
-/// `c0..c1`, and nothing else accesses those elements during the call; `c0..c1` lies
-/// within `w.cols()` and, for quantized weights, `c0` and `c1` are multiples of 32 (or
-/// `c1 == cols`).
-pub(super) unsafe fn axpy_cols(
-    a: &[f32],
-    n_tokens: usize,
-    w: MatRef<'_>,
-    c0: usize,
-    c1: usize,
-    y: *mut f32,
-    y_stride: usize,
-) {
+/// `y[t * cols + c] += Σ_j a[t * a_stride + j] · W[j, c]` for every row j of `w` (in
+/// ascending order) and every column c, for `n_tokens` tokens (`y`: `[n_tokens, cols]`).
+pub(super) fn axpy_rows(a: &[f32], a_stride: usize, n_tokens: usize, w: MatRef<'_>, y: &mut [f32]) {
     assert!(Isa::Avx2.is_supported(), "AVX2 kernel called on a CPU without AVX2/FMA/F16C");
-    assert!(c0 <= c1 && c1 <= w.cols && a.len() >= n_tokens * w.rows, "axpy_cols shapes");
-    if w.data.is_quantized() {
-        assert!(c0.is_multiple_of(QK) && c1.is_multiple_of(QK), "quantized column range not block aligned");
+    let (rows, cols) = (w.rows, w.cols);
+    if n_tokens == 0 || rows == 0 || cols == 0 {
+        return;
     }
-    // SAFETY: features present (asserted); shapes asserted; y per the caller's contract.
+    assert!(a_stride >= rows && a.len() >= (n_tokens - 1) * a_stride + rows, "a too short");
+    assert!(y.len() >= n_tokens * cols, "y too short");
+    let (yp, a) = (y.as_mut_ptr(), &a[..(n_tokens - 1) * a_stride + rows]);
+    // SAFETY: features present (asserted); `y` holds n_tokens rows of cols (asserted) and is
+    // exclusively borrowed; quantized cols are multiples of 32 (MatRef invariant).
     unsafe {
         match w.data {
-            WeightsRef::F32(_) => axpy_impl::<DT_F32, false>(a, n_tokens, w, c0, c1, y, y_stride),
-            WeightsRef::Bf16(_) => axpy_impl::<DT_BF16, false>(a, n_tokens, w, c0, c1, y, y_stride),
-            WeightsRef::F16(_) => axpy_impl::<DT_F16, false>(a, n_tokens, w, c0, c1, y, y_stride),
-            WeightsRef::Q8(_) => axpy_impl::<Q_8, true>(a, n_tokens, w, c0, c1, y, y_stride),
-            WeightsRef::Q4(_) => axpy_impl::<Q_4, true>(a, n_tokens, w, c0, c1, y, y_stride),
+            WeightsRef::F32(_) => axpy_impl::<DT_F32, false>(a, a_stride, n_tokens, w, 0, cols, yp, cols),
+            WeightsRef::Bf16(_) => axpy_impl::<DT_BF16, false>(a, a_stride, n_tokens, w, 0, cols, yp, cols),
+            WeightsRef::F16(_) => axpy_impl::<DT_F16, false>(a, a_stride, n_tokens, w, 0, cols, yp, cols),
+            WeightsRef::Q8(_) => axpy_impl::<Q_8, true>(a, a_stride, n_tokens, w, 0, cols, yp, cols),
+            WeightsRef::Q4(_) => axpy_impl::<Q_4, true>(a, a_stride, n_tokens, w, 0, cols, yp, cols),
         }
     }
 }
@@ -385,10 +377,13 @@ pub(super) unsafe fn axpy_cols(
 const AXPY_ROWS: usize = 4;
 
 /// # Safety
-/// As [`axpy_cols`], with the CPU features present.
+/// CPU features present; `y` valid for reads and writes at `t * y_stride + c` for
+/// `t < n_tokens`, `c` in `c0..c1` (block aligned for quantized weights), exclusively ours;
+/// `a` holds `(n_tokens - 1) * a_stride + rows` values.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn axpy_impl<const K: u8, const QUANT: bool>(
     a: &[f32],
+    a_stride: usize,
     n_tokens: usize,
     w: MatRef<'_>,
     c0: usize,
@@ -399,7 +394,7 @@ unsafe fn axpy_impl<const K: u8, const QUANT: bool>(
     let rows = w.rows;
     let (base, unit_bytes, unit_elems) = raw(&w);
     let row_bytes = w.stride / unit_elems * unit_bytes;
-    // Prefetch the same columns two row groups ahead (short strided segments per row).
+    // Prefetch two row groups ahead (rows are short; bundled rows are not contiguous).
     let pf = 2 * AXPY_ROWS * row_bytes;
     let mut j = 0;
     while j < rows {
@@ -410,7 +405,7 @@ unsafe fn axpy_impl<const K: u8, const QUANT: bool>(
             wp[i] = unsafe { base.add((j + i) * row_bytes) };
         }
         for t in 0..n_tokens {
-            let at = &a[t * rows + j..t * rows + j + nj];
+            let at = &a[t * a_stride + j..t * a_stride + j + nj];
             // SAFETY: y row t, columns c0..c1 (caller); rows j..j+nj (above).
             let yt = unsafe { y.add(t * y_stride) };
             // SAFETY: as above.

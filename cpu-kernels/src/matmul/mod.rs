@@ -359,16 +359,26 @@ pub fn axpy_rows(a: &[f32], w: MatRef<'_>, y: &mut [f32]) {
     axpy_rows_with(active_isa(), a, w, y)
 }
 
-/// Columns per task of [`axpy_rows_with`] (a multiple of the quantization block and of
-/// every vector width). Column blocking never changes results.
-fn axpy_cols_per_task(cols: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
-    cols.div_ceil(2 * threads).next_multiple_of(64).clamp(64, 512)
+/// Rows of `W` (terms of the sum over j) per task of [`axpy_rows_with`]. A constant: the
+/// SIMD reduction order is "each block of this many rows from zero in ascending j, then the
+/// block sums added to y in block order", which must not depend on the thread count.
+/// Blocks of whole rows keep each thread's reads long and contiguous (splitting columns
+/// instead makes every core's prefetchers pull whole rows, doubling DRAM traffic).
+const AXPY_ROWS_PER_TASK: usize = 128;
+
+thread_local! {
+    /// Per-thread buffer for the block sums of [`axpy_rows_with`] (grows, never shrinks).
+    static AXPY_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `y[t, :] += Σ_j a[t, j] · W[j, :]` (the transposed product `a · W`), with `a`:
-/// `[n_tokens, rows]` and `y`: `[n_tokens, cols]`. Each output sums over j in ascending
-/// order; parallel over column blocks, so the thread count does not change results.
+/// `[n_tokens, rows]` and `y`: `[n_tokens, cols]`.
+///
+/// Scalar: one `y += a·w` pass per row j in ascending order (the oracle). SIMD: blocks of
+/// [`AXPY_ROWS_PER_TASK`] rows are summed from zero (FMA, j ascending) in parallel, then
+/// added to `y` in block order; the order depends only on the ISA and `rows`, never on the
+/// batch or the thread count. Block sums live in a per-thread scratch buffer reused across
+/// calls (allocated on first use only).
 pub fn axpy_rows_with(isa: Isa, a: &[f32], w: MatRef<'_>, y: &mut [f32]) {
     assert!(isa.is_supported(), "ISA {} is not supported by this CPU", isa.name());
     let (rows, cols) = (w.rows(), w.cols());
@@ -381,37 +391,58 @@ pub fn axpy_rows_with(isa: Isa, a: &[f32], w: MatRef<'_>, y: &mut [f32]) {
     if n_tokens == 0 || rows == 0 {
         return;
     }
-    let axpy: AxpyKernel = match isa {
+    let kernel: AxpyKernel = match isa {
         Isa::Scalar => {
             scalar::axpy_rows(a, n_tokens, w, y);
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::axpy_cols,
+        Isa::Avx2 => avx2::axpy_rows,
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::axpy_cols,
+        Isa::Avx512 => avx512::axpy_rows,
         #[cfg(not(target_arch = "x86_64"))]
         _ => {
             scalar::axpy_rows(a, n_tokens, w, y);
             return;
         }
     };
-    let cb = axpy_cols_per_task(cols);
-    let out = SyncPtr(y.as_mut_ptr());
-    let block = |b: usize| {
-        let c0 = b * cb;
-        let c1 = (c0 + cb).min(cols);
-        // SAFETY: y is [n_tokens, cols] (asserted); column blocks are disjoint and start
-        // at multiples of 64 (block aligned); the last ends at cols.
-        unsafe { axpy(a, n_tokens, w, c0, c1, out.ptr(), cols) };
+    let n_blocks = rows.div_ceil(AXPY_ROWS_PER_TASK);
+    let part = n_tokens * cols;
+    let mut run = |scratch: &mut [f32]| {
+        let scratch = &mut scratch[..n_blocks * part];
+        let block = |(b, p): (usize, &mut [f32])| {
+            let r0 = b * AXPY_ROWS_PER_TASK;
+            let r1 = (r0 + AXPY_ROWS_PER_TASK).min(rows);
+            p.fill(0.0);
+            kernel(&a[r0..], rows, n_tokens, w.row_range(r0, r1), p);
+        };
+        if n_blocks == 1 || rows * cols * n_tokens < MIN_PARALLEL_WORK {
+            scratch.chunks_mut(part).enumerate().for_each(block);
+        } else {
+            scratch.par_chunks_mut(part).enumerate().for_each(block);
+        }
+        for p in scratch.chunks(part) {
+            for (yv, &pv) in y.iter_mut().zip(p) {
+                *yv += pv;
+            }
+        }
     };
-    let n_blocks = cols.div_ceil(cb);
-    if n_blocks == 1 || rows * cols * n_tokens < MIN_PARALLEL_WORK {
-        (0..n_blocks).for_each(block);
-    } else {
-        (0..n_blocks).into_par_iter().for_each(block);
+    let need = n_blocks * part;
+    let reused = AXPY_SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < need {
+                buf.resize(need, 0.0);
+            }
+            run(&mut buf);
+            true
+        }
+        Err(_) => false,
+    });
+    if !reused {
+        // Re-entered on this thread (a rayon task of an outer call): a fresh buffer.
+        run(&mut vec![0f32; need]);
     }
 }
 
-/// A column-block `axpy` kernel (see `avx2::axpy_cols`).
-type AxpyKernel = unsafe fn(&[f32], usize, MatRef<'_>, usize, usize, *mut f32, usize);
+/// A SIMD `axpy` kernel (see `avx2::axpy_rows`).
+type AxpyKernel = fn(&[f32], usize, usize, MatRef<'_>, &mut [f32]);
