@@ -13,6 +13,30 @@ const H: usize = 1024;
 const F: usize = 3584;
 const SET: usize = 512 << 20;
 
+/// Run time of all threads of this process, from /proc (ns resolution), in seconds.
+fn cpu_time() -> f64 {
+    let mut ns = 0u64;
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for e in dir.flatten() {
+            if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
+                ns += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+    }
+    ns as f64 * 1e-9
+}
+
+/// GB/s from wall time, or from CPU time divided by the thread count when `KB_CPU` is set
+/// (robust when other processes share the cores: it measures speed while running).
+fn rate(bytes: usize, f: impl FnOnce()) -> f64 {
+    let threads = rayon::current_num_threads() as f64;
+    let (t, c) = (Instant::now(), cpu_time());
+    f();
+    let (wall, cpu) = (t.elapsed().as_secs_f64(), cpu_time() - c);
+    let secs = if std::env::var("KB_CPU").is_ok() { cpu / threads } else { wall };
+    bytes as f64 / secs / 1e9
+}
+
 fn main() {
     let rounds: usize = std::env::args().nth(1).map(|s| s.parse().unwrap()).unwrap_or(5);
     let w: Vec<f32> = (0..3 * F * H).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.05).collect();
@@ -43,39 +67,39 @@ fn main() {
         None => best.push((k, g)),
     };
     for r in 0..rounds {
-        let t = Instant::now();
-        std::hint::black_box(parallel_read_sum(&probe));
-        let bw = SET as f64 / t.elapsed().as_secs_f64() / 1e9;
+        let bw = rate(SET, || {
+            std::hint::black_box(parallel_read_sum(&probe));
+        });
         let mut line = format!("round {r}: probe {bw:5.1} GB/s |");
         note("probe".into(), bw);
         for (name, set) in [("bf16", &vb), ("q8", &v8), ("q4", &v4)] {
             let bytes: usize = set.iter().map(|m| m.size_bytes()).sum();
             for n in [1usize, 8] {
                 if which.contains(&"mv".to_string()) && (n == 1 || name != "q4") {
-                    let t = Instant::now();
-                    for m in set {
-                        matmul(&x[..n * H], *m, &mut y[..n * 3 * F]);
-                    }
-                    let g = bytes as f64 / t.elapsed().as_secs_f64() / 1e9;
+                    let g = rate(bytes, || {
+                        for m in set {
+                            matmul(&x[..n * H], *m, &mut y[..n * 3 * F]);
+                        }
+                    });
                     line += &format!(" mv {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
                     note(format!("mv {name} n{n}"), g);
                 }
                 if which.contains(&"ax".to_string()) && n == 1 {
-                    let t = Instant::now();
-                    for m in set {
-                        axpy_rows(&y[..n * 3 * F], *m, &mut out[..n * H]);
-                    }
-                    let g = bytes as f64 / t.elapsed().as_secs_f64() / 1e9;
+                    let g = rate(bytes, || {
+                        for m in set {
+                            axpy_rows(&y[..n * 3 * F], *m, &mut out[..n * H]);
+                        }
+                    });
                     line += &format!(" ax {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
                     note(format!("ax {name} n{n}"), g);
                 }
                 if which.contains(&"ex".to_string()) && n == 1 {
-                    let t = Instant::now();
-                    for m in set {
-                        let e = ExpertRef::bundled(m.data(), F, H).unwrap();
-                        expert_swiglu(&x[..n * H], e, &mut act, &mut out[..n * H]);
-                    }
-                    let g = bytes as f64 / t.elapsed().as_secs_f64() / 1e9;
+                    let g = rate(bytes, || {
+                        for m in set {
+                            let e = ExpertRef::bundled(m.data(), F, H).unwrap();
+                            expert_swiglu(&x[..n * H], e, &mut act, &mut out[..n * H]);
+                        }
+                    });
                     line += &format!(" ex {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
                     note(format!("ex {name} n{n}"), g);
                 }

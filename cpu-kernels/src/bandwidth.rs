@@ -34,8 +34,10 @@ pub fn read_sum_with(isa: Isa, buf: &[f32]) -> f32 {
 /// [`read_sum`] over `buf` split into one contiguous slice per thread of the current rayon
 /// pool.
 pub fn parallel_read_sum(buf: &[f32]) -> f32 {
+    // Contiguous pieces of at least 1 MiB, several per thread, scheduled like the kernels'
+    // tasks (work stealing), so a briefly descheduled thread does not idle the other.
     let threads = rayon::current_num_threads().max(1);
-    let chunk = buf.len().div_ceil(threads).max(1);
+    let chunk = buf.len().div_ceil(8 * threads).max(1 << 18);
     buf.par_chunks(chunk).with_max_len(1).map(read_sum).sum()
 }
 
