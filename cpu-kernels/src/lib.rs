@@ -1,5 +1,6 @@
 //! CPU kernels for hetmoe: functions over slices, one module per family
-//! (`matmul`, `norm`, `rope`, `softmax`, `activation`, `topk`, `attention`).
+//! (`matmul`, `moe`, `norm`, `rope`, `softmax`, `activation`, `topk`, `attention`), plus a
+//! memory-bandwidth probe (`bandwidth`) to compare them with.
 //!
 //! The instruction set is detected once at run time ([`dispatch`]); per-ISA code lives in
 //! files named after the ISA, and the scalar code is always compiled and is the oracle the

@@ -171,9 +171,19 @@ impl<'a> MatRef<'a> {
 /// balance two to sixteen cores on the matrices of real models. Row blocking never changes
 /// results (each output is one dot product computed by one kernel call).
 const ROWS_PER_TASK: usize = 64;
-/// Rows per task for one token (no output buffering, so any size works; bigger tasks mean
-/// longer contiguous reads per thread and fewer forks).
-const ROWS_PER_TASK_DECODE: usize = 256;
+/// Rows per task for one token (no output buffering, so any size works): at most this many
+/// (long contiguous reads per thread, few forks), at least [`ROWS_PER_TASK`], and about
+/// four tasks per thread in between.
+const MAX_ROWS_PER_TASK_DECODE: usize = 256;
+
+/// Rows per task of a matmul of `rows` outputs for `n_tokens` tokens. Never changes results.
+fn rows_per_task(rows: usize, n_tokens: usize) -> usize {
+    if n_tokens > 1 {
+        return ROWS_PER_TASK;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    rows.div_ceil(4 * threads).next_multiple_of(16).clamp(ROWS_PER_TASK, MAX_ROWS_PER_TASK_DECODE)
+}
 /// Tokens whose outputs a task buffers at once (its weight block is re-read from cache for
 /// each chunk of this many tokens).
 const TOK_CHUNK: usize = 16;
@@ -207,7 +217,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: MatRef<'_>, y: &mut [f32]) {
     let kernel = select(isa);
     let rows = w.rows;
     let out = SyncPtr(y.as_mut_ptr());
-    let rpt = if n_tokens == 1 { ROWS_PER_TASK_DECODE } else { ROWS_PER_TASK };
+    let rpt = rows_per_task(rows, n_tokens);
     let n_blocks = rows.div_ceil(rpt);
     let block = |b: usize| {
         let r0 = b * rpt;
@@ -222,7 +232,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: MatRef<'_>, y: &mut [f32]) {
     }
 }
 
-/// Computes rows `r0..r1` (at most [`ROWS_PER_TASK`]) of `y = x · Wᵀ` for all tokens into
+/// Computes rows `r0..r1` (at most [`ROWS_PER_TASK`] when `n_tokens > 1`) of `y = x · Wᵀ` for all tokens into
 /// `out[t * out_stride + r]`.
 ///
 /// # Safety
@@ -267,6 +277,9 @@ unsafe fn row_block(
     }
 }
 
+/// Rows of gate, then the same rows of up, computed in turn by [`gate_up_silu_with`].
+const GATE_UP_RUN: usize = 16;
+
 /// Gate and up projections of a SwiGLU expert followed by `g ← silu(g) · u`, streaming the
 /// rows of gate and up once per neuron block for all tokens. Bit-identical to two
 /// [`matmul_with`] calls and [`crate::activation::silu_mul`].
@@ -290,15 +303,23 @@ pub(crate) fn gate_up_silu_with(
     let kernel = select(isa);
     let rows = gate.rows;
     let (gp, up_) = (SyncPtr(g.as_mut_ptr()), SyncPtr(u.as_mut_ptr()));
-    let n_blocks = rows.div_ceil(ROWS_PER_TASK);
+    let rpt = rows_per_task(rows, n_tokens);
+    let n_blocks = rows.div_ceil(rpt);
     let block = |b: usize| {
-        let r0 = b * ROWS_PER_TASK;
-        let r1 = (r0 + ROWS_PER_TASK).min(rows);
+        let r0 = b * rpt;
+        let r1 = (r0 + rpt).min(rows);
         // SAFETY: g and u are [n_tokens, rows] (asserted), distinct, and row blocks are
         // disjoint, so this task alone touches columns r0..r1 of each.
         unsafe {
-            row_block(kernel, x, n_tokens, gate, r0, r1, gp, rows);
-            row_block(kernel, x, n_tokens, up, r0, r1, up_, rows);
+            // Alternate gate and up in short runs of rows: in a row-column bundle, gate row j
+            // and up row j are neighbours, so this walks the bundle nearly sequentially.
+            let mut s0 = r0;
+            while s0 < r1 {
+                let s1 = (s0 + GATE_UP_RUN).min(r1);
+                row_block(kernel, x, n_tokens, gate, s0, s1, gp, rows);
+                row_block(kernel, x, n_tokens, up, s0, s1, up_, rows);
+                s0 = s1;
+            }
             for t in 0..n_tokens {
                 let gs = std::slice::from_raw_parts_mut(gp.ptr().add(t * rows + r0), r1 - r0);
                 let us = std::slice::from_raw_parts(up_.ptr().add(t * rows + r0), r1 - r0);
