@@ -118,10 +118,27 @@ impl Mat {
 /// Shapes: (rows, cols, row stride extra) for dense and quantized weights.
 fn shapes(dt: Dt) -> Vec<(usize, usize, usize)> {
     if dt.quant() {
-        vec![(0, 32, 0), (1, 32, 0), (3, 64, 32), (4, 96, 0), (5, 32, 64), (17, 160, 0), (70, 1024, 32)]
+        vec![
+            (0, 32, 0),
+            (1, 32, 0),
+            (3, 64, 32),
+            (4, 96, 0),
+            (5, 32, 64),
+            (17, 160, 0),
+            (70, 1024, 32),
+            (300, 64, 0),
+        ]
     } else {
         let mut v = vec![(0, 8, 0), (1, 0, 0), (1, 1, 0), (3, 7, 0), (4, 8, 1), (5, 9, 3), (9, 15, 0)];
-        v.extend([(2, 16, 0), (7, 17, 2), (13, 31, 0), (5, 33, 0), (67, 100, 5), (65, 1027, 0)]);
+        v.extend([
+            (2, 16, 0),
+            (7, 17, 2),
+            (13, 31, 0),
+            (5, 33, 0),
+            (67, 100, 5),
+            (65, 1027, 0),
+            (300, 41, 3),
+        ]);
         v
     }
 }
@@ -247,10 +264,11 @@ fn axpy_rows_matches_scalar_and_is_batch_invariant() {
                     for isa in Isa::all_supported() {
                         let mut got = y0.clone();
                         axpy_rows_with(isa, &a, w, &mut got);
+                        let wrows: Vec<Vec<f64>> = (0..rows).map(|j| row_f64(&w, j)).collect();
                         for t in 0..n {
                             for c in 0..cols {
                                 let scale: f64 = (0..rows)
-                                    .map(|j| (a[t * rows + j] as f64 * row_f64(&w, j)[c]).abs())
+                                    .map(|j| (a[t * rows + j] as f64 * wrows[j][c]).abs())
                                     .sum::<f64>()
                                     + (y0[t * cols + c] as f64).abs();
                                 let (g, e) = (got[t * cols + c] as f64, want[t * cols + c] as f64);
