@@ -185,20 +185,21 @@ unsafe fn load_block<const Q: u8>(p: *const u8) -> (__m512, [__m512; 2]) {
             let hi = _mm_loadu_si128(qs.add(16) as *const __m128i);
             (d, [_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi))])
         } else {
-            let b = _mm_loadu_si128(qs as *const __m128i);
-            let m = _mm_set1_epi8(0x0f);
-            let lo = _mm_and_si128(b, m);
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(b), m);
-            (d, [nib16(lo), nib16(hi)])
+            // Each byte widened to a dword; vpermps looks only at the low 4 bits of each
+            // index, so the low nibble indexes the table directly and the high nibble after a
+            // shift by 4: no masking, no integer→float conversion.
+            let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs as *const __m128i));
+            let table = nibble_table();
+            (d, [_mm512_permutexvar_ps(b, table), _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), table)])
         }
     }
 }
 
-/// The 16 bytes of `h` (nibble values 0..15) minus 8, as f32.
+/// `[q − 8 for q in 0..16]` as f32 (exact), the q4 nibble lookup table.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-fn nib16(h: __m128i) -> __m512 {
-    _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(h), _mm512_set1_epi32(8)))
+fn nibble_table() -> __m512 {
+    _mm512_setr_ps(-8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
 }
 
 /// Dot products of `R` quantized rows with `T` tokens.
