@@ -202,6 +202,18 @@ fn nibble_table() -> __m512 {
     _mm512_setr_ps(-8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
 }
 
+/// The scale of the block at `p`, broadcast, through the f16→f32 table (a load that the
+/// FMA can take as a broadcast operand; cheaper than a vector conversion per block).
+///
+/// # Safety
+/// `p` points to a readable block; `lut` is [`super::f16_table`] (65536 entries).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn block_scale(p: *const u8, lut: *const f32) -> __m512 {
+    // SAFETY: the scale is the block's first two bytes; every u16 indexes the table.
+    unsafe { _mm512_set1_ps(*lut.add((p as *const u16).read_unaligned() as usize)) }
+}
+
 /// Dot products of `R` quantized rows with `T` tokens.
 ///
 /// # Safety
@@ -215,6 +227,7 @@ unsafe fn quant_tile<const Q: u8, const R: usize, const T: usize>(
     w: [*const u8; R],
     nb: usize,
     pf: usize,
+    lut: *const f32,
 ) -> [[f32; R]; T] {
     let bytes = if Q == Q_8 { Q8_BYTES } else { Q4_BYTES };
     let mut acc = [[_mm512_setzero_ps(); R]; T];
@@ -222,7 +235,9 @@ unsafe fn quant_tile<const Q: u8, const R: usize, const T: usize>(
         for r in 0..R {
             // SAFETY: block b < nb of row r, and columns b·32 .. b·32 + 32 of each token.
             unsafe {
-                let (d, q) = load_block::<Q>(w[r].add(b * bytes));
+                let p = w[r].add(b * bytes);
+                let (_, q) = load_block::<Q>(p);
+                let d = block_scale(p, lut);
                 prefetch(w[r].wrapping_add(b * bytes + pf));
                 for t in 0..T {
                     let xp = x.add(t * xs + b * QK);
@@ -305,6 +320,7 @@ unsafe fn tiles<const K: u8, const QUANT: bool>(
     // one prefetch per 64 bytes; quantized rows one per block (measured faster than a
     // branch on line crossings).
     let pf = PREFETCH_TILES * NR * row_bytes;
+    let lut = super::f16_table().as_ptr();
     macro_rules! run {
         ($r:literal, $t:literal, $r0:expr, $t0:expr) => {{
             // SAFETY: rows r0 .. r0 + R <= rows start at base + r · row_bytes and hold cols
@@ -316,7 +332,7 @@ unsafe fn tiles<const K: u8, const QUANT: bool>(
                 }
                 let xt = xp.add($t0 * cols);
                 if QUANT {
-                    quant_tile::<K, $r, $t>(xt, cols, wp, nb, pf)
+                    quant_tile::<K, $r, $t>(xt, cols, wp, nb, pf, lut)
                 } else {
                     dense_tile::<K, $r, $t>(xt, cols, wp, cols, pf)
                 }
@@ -404,6 +420,7 @@ unsafe fn axpy_impl<const K: u8, const QUANT: bool>(
     let row_bytes = w.stride / unit_elems * unit_bytes;
     // Prefetch two row groups ahead (rows are short; bundled rows are not contiguous).
     let pf = 2 * AXPY_ROWS * row_bytes;
+    let lut = super::f16_table().as_ptr();
     let mut j = 0;
     while j < rows {
         let nj = AXPY_ROWS.min(rows - j);
@@ -419,7 +436,7 @@ unsafe fn axpy_impl<const K: u8, const QUANT: bool>(
             // SAFETY: as above.
             unsafe {
                 if QUANT {
-                    axpy_quant::<K>(at, &wp[..nj], c0, c1, yt, pf)
+                    axpy_quant::<K>(at, &wp[..nj], c0, c1, yt, pf, lut)
                 } else {
                     axpy_dense::<K>(at, &wp[..nj], c0, c1, yt, pf)
                 }
@@ -469,11 +486,20 @@ unsafe fn axpy_dense<const DT: u8>(
 /// Quantized [`axpy_dense`]: `w = d · q` (rounded) then `y = fma(a, w, y)`.
 ///
 /// # Safety
-/// Rows hold at least `c1 / 32` blocks of kind `Q`; `c0`, `c1` multiples of 32;
+/// Rows hold at least `c1 / 32` blocks of kind `Q`; `c0`, `c1` multiples of 32; `lut` is
+/// [`super::f16_table`];
 /// `y[c0..c1]` is exclusively ours.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn axpy_quant<const Q: u8>(a: &[f32], wp: &[*const u8], c0: usize, c1: usize, y: *mut f32, pf: usize) {
+unsafe fn axpy_quant<const Q: u8>(
+    a: &[f32],
+    wp: &[*const u8],
+    c0: usize,
+    c1: usize,
+    y: *mut f32,
+    pf: usize,
+    lut: *const f32,
+) {
     let bytes = if Q == Q_8 { Q8_BYTES } else { Q4_BYTES };
     let mut c = c0;
     // SAFETY: block c / 32 < c1 / 32 of every row; y[c..c+32] within c0..c1.
@@ -484,7 +510,8 @@ unsafe fn axpy_quant<const Q: u8>(a: &[f32], wp: &[*const u8], c0: usize, c1: us
                 yv[k] = _mm512_loadu_ps(y.add(c + 16 * k));
             }
             for (i, &p) in wp.iter().enumerate() {
-                let (d, q) = load_block::<Q>(p.add(c / QK * bytes));
+                let (_, q) = load_block::<Q>(p.add(c / QK * bytes));
+                let d = block_scale(p.add(c / QK * bytes), lut);
                 prefetch(p.wrapping_add(c / QK * bytes + pf));
                 let av = _mm512_set1_ps(a[i]);
                 for k in 0..2 {

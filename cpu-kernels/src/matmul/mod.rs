@@ -343,6 +343,14 @@ fn prefetch(p: *const u8) {
     unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p as *const i8) }
 }
 
+/// Every f16 bit pattern converted to f32 (exact), built on first use: quantized kernels
+/// read block scales through it.
+#[cfg(target_arch = "x86_64")]
+fn f16_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Box<[f32]>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| (0..=u16::MAX).map(|b| f16::from_bits(b).to_f32()).collect())
+}
+
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);
 impl SyncPtr {
