@@ -7,6 +7,9 @@
 //!
 //! `cargo bench --bench kernels -- --warm-up-time 1 --measurement-time 3`
 //! (threads: the rayon global pool, `RAYON_NUM_THREADS`, default one per core).
+//! On a machine shared with other work, criterion's sequential groups see different
+//! bandwidths; `cargo run --release -p hetmoe-cpu-kernels --example kbench` interleaves the
+//! probe with each kernel and reports per-round ratios (`KB_CPU=1`: normalised by CPU time).
 #![allow(clippy::unwrap_used)]
 
 use std::hint::black_box;
@@ -107,12 +110,24 @@ impl Store {
     }
 }
 
-fn bandwidth_probe(c: &mut Criterion) {
+fn probe(c: &mut Criterion, name: &str) {
     let buf = vec![1f32; WORKING_SET / 4];
     let mut g = c.benchmark_group("bandwidth");
     g.throughput(Throughput::Bytes(WORKING_SET as u64));
-    g.bench_function("read_probe", |b| b.iter(|| black_box(parallel_read_sum(black_box(&buf)))));
+    g.bench_function(name, |b| b.iter(|| black_box(parallel_read_sum(black_box(&buf)))));
     g.finish();
+}
+
+// The probe runs before, between and after the kernel groups: on a shared machine the
+// available bandwidth drifts, so compare each kernel with the probe next to it.
+fn probe_start(c: &mut Criterion) {
+    probe(c, "read_probe_1_start");
+}
+fn probe_mid(c: &mut Criterion) {
+    probe(c, "read_probe_2_mid");
+}
+fn probe_end(c: &mut Criterion) {
+    probe(c, "read_probe_3_end");
 }
 
 fn matvec(c: &mut Criterion) {
@@ -171,5 +186,5 @@ fn expert(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bandwidth_probe, matvec, expert);
+criterion_group!(benches, probe_start, matvec, probe_mid, expert, probe_end);
 criterion_main!(benches);
