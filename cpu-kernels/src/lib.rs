@@ -1,5 +1,6 @@
 //! CPU kernels for hetmoe: functions over slices, one module per family
-//! (`matmul`, `norm`, `rope`, `softmax`, `activation`, `topk`, `attention`).
+//! (`matmul`, `moe`, `norm`, `rope`, `softmax`, `activation`, `topk`, `attention`), plus a
+//! memory-bandwidth probe (`bandwidth`) to compare them with.
 //!
 //! The instruction set is detected once at run time ([`dispatch`]); per-ISA code lives in
 //! files named after the ISA, and the scalar code is always compiled and is the oracle the
@@ -12,6 +13,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bandwidth;
 pub mod dispatch;
 mod error;
 pub mod matmul;
@@ -24,4 +26,4 @@ pub mod topk;
 
 pub use dispatch::{active_isa, force_isa, Isa};
 pub use error::KernelError;
-pub use matmul::{matmul, MatRef, WeightsRef};
+pub use matmul::{axpy_rows, matmul, MatRef, WeightsRef};

@@ -62,20 +62,45 @@ impl<'a> ExpertRef<'a> {
     }
 }
 
-/// `out = down(silu(gate(x)) · up(x))` for `x`: `[n, hidden]`; `act`: scratch `[2, n, ffn]`;
-/// `out`: `[n, hidden]`, overwritten.
+/// `out = down(silu(gate(x)) · up(x))` for `x`: `[n, hidden]`; `act`: scratch of at least
+/// `2 * n * ffn` floats; `out`: `[n, hidden]`, overwritten.
+///
+/// Fused: gate and up rows are streamed once per neuron block for all `n` tokens (parallel
+/// over neuron blocks, SiLU·mul applied in the same task), then `downᵀ` once (parallel over
+/// fixed blocks of its rows, whose sums are added in block order; see
+/// [`crate::matmul::axpy_rows_with`]). Bit-identical to [`expert_swiglu_unfused_with`], whatever the thread
+/// count, the number of tokens or the layout ([`ExpertRef::bundled`] or separate matrices).
 pub fn expert_swiglu(x: &[f32], e: ExpertRef<'_>, act: &mut [f32], out: &mut [f32]) {
     expert_swiglu_with(active_isa(), x, e, act, out)
 }
 
-/// [`expert_swiglu`] on a given ISA.
-pub fn expert_swiglu_with(isa: Isa, x: &[f32], e: ExpertRef<'_>, act: &mut [f32], out: &mut [f32]) {
-    let (ffn, hidden) = (e.ffn(), e.hidden());
-    let n = x.len().checked_div(hidden).unwrap_or(0);
-    assert_eq!(out.len(), n * hidden, "out is not [n, hidden]");
+fn split_act(act: &mut [f32], n: usize, ffn: usize) -> (&mut [f32], &mut [f32]) {
     assert!(act.len() >= 2 * n * ffn, "act scratch too small");
     let (g, rest) = act.split_at_mut(n * ffn);
-    let u = &mut rest[..n * ffn];
+    (g, &mut rest[..n * ffn])
+}
+
+fn tokens(x: &[f32], e: &ExpertRef<'_>, out: &[f32]) -> usize {
+    let n = x.len().checked_div(e.hidden()).unwrap_or(0);
+    assert_eq!(x.len(), n * e.hidden(), "x is not [n, hidden]");
+    assert_eq!(out.len(), n * e.hidden(), "out is not [n, hidden]");
+    n
+}
+
+/// [`expert_swiglu`] on a given ISA.
+pub fn expert_swiglu_with(isa: Isa, x: &[f32], e: ExpertRef<'_>, act: &mut [f32], out: &mut [f32]) {
+    let n = tokens(x, &e, out);
+    let (g, u) = split_act(act, n, e.ffn());
+    crate::matmul::gate_up_silu_with(isa, x, e.gate, e.up, g, u);
+    out.fill(0.0);
+    crate::matmul::axpy_rows_with(isa, g, e.down_t, out);
+}
+
+/// The unfused composition (matmul gate, matmul up, silu·mul, axpy with `downᵀ`): the
+/// reference the fused kernel is tested against.
+pub fn expert_swiglu_unfused_with(isa: Isa, x: &[f32], e: ExpertRef<'_>, act: &mut [f32], out: &mut [f32]) {
+    let n = tokens(x, &e, out);
+    let (g, u) = split_act(act, n, e.ffn());
     matmul_with(isa, x, e.gate, g);
     matmul_with(isa, x, e.up, u);
     crate::activation::silu_mul(g, u);

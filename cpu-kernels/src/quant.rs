@@ -30,7 +30,7 @@ pub struct BlockQ4 {
 
 /// Quantizes `x` (length a multiple of [`QK`]) into `out` (`x.len() / QK` blocks).
 pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
-    assert!(x.len() % QK == 0 && out.len() == x.len() / QK, "quantize_q8: bad lengths");
+    assert!(x.len().is_multiple_of(QK) && out.len() == x.len() / QK, "quantize_q8: bad lengths");
     for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
         let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
         // Quantize against the scale as stored (f16), so the error bound is half a step.
@@ -45,7 +45,7 @@ pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
 
 /// Quantizes `x` (length a multiple of [`QK`]) into `out` (`x.len() / QK` blocks).
 pub fn quantize_q4(x: &[f32], out: &mut [BlockQ4]) {
-    assert!(x.len() % QK == 0 && out.len() == x.len() / QK, "quantize_q4: bad lengths");
+    assert!(x.len().is_multiple_of(QK) && out.len() == x.len() / QK, "quantize_q4: bad lengths");
     for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
         let m = xs.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
         b.d = f16::from_f32(m / -8.0);

@@ -1,6 +1,10 @@
 //! `y = x · Wᵀ` for f32 activations and bf16 / f16 / f32 weights stored `[rows, cols]`
 //! (`nn.Linear` layout), for one token (matvec) or a small batch.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod scalar;
 
 use half::{bf16, f16};
@@ -54,11 +58,17 @@ impl<'a> WeightsRef<'a> {
             WeightsRef::Bf16(w) => WeightsRef::Bf16(&w[start..end]),
             WeightsRef::F16(w) => WeightsRef::F16(&w[start..end]),
             WeightsRef::Q8(w) => {
-                assert!(start % QK == 0 && end % QK == 0, "quantized slice {start}..{end} not block aligned");
+                assert!(
+                    start.is_multiple_of(QK) && end.is_multiple_of(QK),
+                    "quantized slice {start}..{end} not block aligned"
+                );
                 WeightsRef::Q8(&w[start / QK..end / QK])
             }
             WeightsRef::Q4(w) => {
-                assert!(start % QK == 0 && end % QK == 0, "quantized slice {start}..{end} not block aligned");
+                assert!(
+                    start.is_multiple_of(QK) && end.is_multiple_of(QK),
+                    "quantized slice {start}..{end} not block aligned"
+                );
                 WeightsRef::Q4(&w[start / QK..end / QK])
             }
         }
@@ -100,7 +110,7 @@ impl<'a> MatRef<'a> {
         if stride < cols || data.len() < needed {
             return Err(KernelError::WeightLength { rows, cols, expected: needed, actual: data.len() });
         }
-        if data.is_quantized() && (cols % QK != 0 || stride % QK != 0) {
+        if data.is_quantized() && (!cols.is_multiple_of(QK) || !stride.is_multiple_of(QK)) {
             return Err(KernelError::QuantizedShape { cols, stride });
         }
         Ok(Self { data, rows, cols, stride })
@@ -120,10 +130,13 @@ impl<'a> MatRef<'a> {
     }
     /// Bytes one pass over the matrix reads.
     pub fn size_bytes(&self) -> usize {
-        if self.data.is_empty() {
-            return 0;
+        let n = self.rows * self.cols;
+        match self.data {
+            WeightsRef::F32(_) => n * 4,
+            WeightsRef::Bf16(_) | WeightsRef::F16(_) => n * 2,
+            WeightsRef::Q8(_) => n / QK * std::mem::size_of::<BlockQ8>(),
+            WeightsRef::Q4(_) => n / QK * std::mem::size_of::<BlockQ4>(),
         }
-        self.data.size_bytes() / self.data.len() * self.rows * self.cols
     }
 
     /// Row `r`'s `cols` weights.
@@ -155,8 +168,27 @@ impl<'a> MatRef<'a> {
 }
 
 /// Output rows handled by one task: big enough to amortise scheduling, small enough to
-/// balance two to sixteen cores on the matrices of real models.
+/// balance two to sixteen cores on the matrices of real models. Row blocking never changes
+/// results (each output is one dot product computed by one kernel call).
 const ROWS_PER_TASK: usize = 64;
+/// Rows per task for one token (no output buffering, so any size works): at most this many
+/// (long contiguous reads per thread, few forks), at least [`ROWS_PER_TASK`], and about
+/// four tasks per thread in between.
+const MAX_ROWS_PER_TASK_DECODE: usize = 256;
+
+/// Rows per task of a matmul of `rows` outputs for `n_tokens` tokens. Never changes results.
+fn rows_per_task(rows: usize, n_tokens: usize) -> usize {
+    if n_tokens > 1 {
+        return ROWS_PER_TASK;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    rows.div_ceil(4 * threads).next_multiple_of(16).clamp(ROWS_PER_TASK, MAX_ROWS_PER_TASK_DECODE)
+}
+/// Tokens whose outputs a task buffers at once (its weight block is re-read from cache for
+/// each chunk of this many tokens).
+const TOK_CHUNK: usize = 16;
+/// Below this many multiply-adds a call runs on the calling thread (no rayon fork).
+const MIN_PARALLEL_WORK: usize = 1 << 15;
 
 /// `y[t, r] = Σ_c x[t, c] · W[r, c]` for every token `t` of `x` (`[n_tokens, cols]`),
 /// `y` is `[n_tokens, rows]`. Parallel over output rows on the current rayon pool.
@@ -164,50 +196,169 @@ pub fn matmul(x: &[f32], w: MatRef<'_>, y: &mut [f32]) {
     matmul_with(active_isa(), x, w, y)
 }
 
-/// [`matmul`] on a given ISA (tests compare ISAs through this).
+/// `x.len() / cols`, checked against `y` (`[n_tokens, rows]`).
+fn token_count(x: &[f32], w: &MatRef<'_>, y: &[f32]) -> usize {
+    let n_tokens = x.len().checked_div(w.cols).unwrap_or(y.len() / w.rows.max(1));
+    assert_eq!(x.len(), n_tokens * w.cols, "x is not [n_tokens, cols]");
+    assert_eq!(y.len(), n_tokens * w.rows, "y is not [n_tokens, rows]");
+    n_tokens
+}
+
+/// [`matmul`] on a given ISA (tests compare ISAs through this). Panics if the CPU cannot
+/// run `isa`.
 pub fn matmul_with(isa: Isa, x: &[f32], w: MatRef<'_>, y: &mut [f32]) {
-    let (rows, cols) = (w.rows, w.cols);
-    if rows == 0 {
+    if w.rows == 0 {
         return;
     }
-    let n_tokens = x.len().checked_div(cols).unwrap_or(y.len() / rows);
-    assert_eq!(x.len(), n_tokens * cols, "x is not [n_tokens, cols]");
-    assert_eq!(y.len(), n_tokens * rows, "y is not [n_tokens, rows]");
+    let n_tokens = token_count(x, &w, y);
     if n_tokens == 0 {
         return;
     }
     let kernel = select(isa);
-    if n_tokens == 1 {
-        // One token: y is contiguous per row block.
-        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(i, yb)| {
-            let r0 = i * ROWS_PER_TASK;
-            kernel(x, 1, w.row_range(r0, r0 + yb.len()), yb, yb.len());
-        });
+    let rows = w.rows;
+    let out = SyncPtr(y.as_mut_ptr());
+    let rpt = rows_per_task(rows, n_tokens);
+    let n_blocks = rows.div_ceil(rpt);
+    let block = |b: usize| {
+        let r0 = b * rpt;
+        let r1 = (r0 + rpt).min(rows);
+        // SAFETY: y is [n_tokens, rows] (asserted) and row blocks are disjoint.
+        unsafe { row_block(kernel, x, n_tokens, w, r0, r1, out, rows) };
+    };
+    if n_blocks == 1 || rows * w.cols * n_tokens < MIN_PARALLEL_WORK {
+        (0..n_blocks).for_each(block);
     } else {
-        // Several tokens: every task reads its block of W once for all tokens and writes a
-        // strided block of y. Blocks are disjoint, so tasks write through a shared pointer.
-        let out = SyncPtr(y.as_mut_ptr());
-        let n_blocks = rows.div_ceil(ROWS_PER_TASK);
-        (0..n_blocks).into_par_iter().for_each(|b| {
-            let r0 = b * ROWS_PER_TASK;
-            let r1 = (r0 + ROWS_PER_TASK).min(rows);
-            let mut local = [0f32; ROWS_PER_TASK];
-            for t in 0..n_tokens {
-                let xt = &x[t * cols..(t + 1) * cols];
-                kernel(xt, 1, w.row_range(r0, r1), &mut local[..r1 - r0], r1 - r0);
-                let dst = out;
-                // SAFETY: y has n_tokens * rows elements (asserted above); this task alone
-                // writes y[t*rows + r0 .. t*rows + r1] because row blocks are disjoint.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(local.as_ptr(), dst.0.add(t * rows + r0), r1 - r0);
-                }
-            }
-        });
+        (0..n_blocks).into_par_iter().for_each(block);
     }
+}
+
+/// Computes rows `r0..r1` (at most [`ROWS_PER_TASK`] when `n_tokens > 1`) of `y = x · Wᵀ` for all tokens into
+/// `out[t * out_stride + r]`.
+///
+/// # Safety
+/// `out` is valid for writes at `t * out_stride + r` for `t < n_tokens`, `r` in `r0..r1`,
+/// and no one else accesses those elements during the call.
+unsafe fn row_block(
+    kernel: Kernel,
+    x: &[f32],
+    n_tokens: usize,
+    w: MatRef<'_>,
+    r0: usize,
+    r1: usize,
+    out: SyncPtr,
+    out_stride: usize,
+) {
+    let cols = w.cols;
+    let wb = w.row_range(r0, r1);
+    if n_tokens == 1 {
+        // SAFETY: one token: out[r0..r1] is ours (caller contract).
+        let yb = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(r0), r1 - r0) };
+        kernel(x, 1, wb, yb, r1 - r0);
+        return;
+    }
+    debug_assert!(r1 - r0 <= ROWS_PER_TASK);
+    let mut local = [0f32; ROWS_PER_TASK * TOK_CHUNK];
+    let mut t0 = 0;
+    while t0 < n_tokens {
+        let nt = TOK_CHUNK.min(n_tokens - t0);
+        kernel(&x[t0 * cols..(t0 + nt) * cols], nt, wb, &mut local, ROWS_PER_TASK);
+        for t in 0..nt {
+            // SAFETY: out[(t0 + t) * out_stride + r0 .. + (r1 - r0)] is ours (caller
+            // contract); `local` is a distinct stack buffer.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    local.as_ptr().add(t * ROWS_PER_TASK),
+                    out.ptr().add((t0 + t) * out_stride + r0),
+                    r1 - r0,
+                );
+            }
+        }
+        t0 += nt;
+    }
+}
+
+/// Rows of gate, then the same rows of up, computed in turn by [`gate_up_silu_with`].
+const GATE_UP_RUN: usize = 16;
+
+/// Gate and up projections of a SwiGLU expert followed by `g ← silu(g) · u`, streaming the
+/// rows of gate and up once per neuron block for all tokens. Bit-identical to two
+/// [`matmul_with`] calls and [`crate::activation::silu_mul`].
+pub(crate) fn gate_up_silu_with(
+    isa: Isa,
+    x: &[f32],
+    gate: MatRef<'_>,
+    up: MatRef<'_>,
+    g: &mut [f32],
+    u: &mut [f32],
+) {
+    assert!(gate.rows == up.rows && gate.cols == up.cols, "gate and up shapes differ");
+    if gate.rows == 0 {
+        return;
+    }
+    let n_tokens = token_count(x, &gate, g);
+    assert_eq!(u.len(), g.len(), "u is not [n_tokens, rows]");
+    if n_tokens == 0 {
+        return;
+    }
+    let kernel = select(isa);
+    let rows = gate.rows;
+    let (gp, up_) = (SyncPtr(g.as_mut_ptr()), SyncPtr(u.as_mut_ptr()));
+    let rpt = rows_per_task(rows, n_tokens);
+    let n_blocks = rows.div_ceil(rpt);
+    let block = |b: usize| {
+        let r0 = b * rpt;
+        let r1 = (r0 + rpt).min(rows);
+        // SAFETY: g and u are [n_tokens, rows] (asserted), distinct, and row blocks are
+        // disjoint, so this task alone touches columns r0..r1 of each.
+        unsafe {
+            // Alternate gate and up in short runs of rows: in a row-column bundle, gate row j
+            // and up row j are neighbours, so this walks the bundle nearly sequentially.
+            let mut s0 = r0;
+            while s0 < r1 {
+                let s1 = (s0 + GATE_UP_RUN).min(r1);
+                row_block(kernel, x, n_tokens, gate, s0, s1, gp, rows);
+                row_block(kernel, x, n_tokens, up, s0, s1, up_, rows);
+                s0 = s1;
+            }
+            for t in 0..n_tokens {
+                let gs = std::slice::from_raw_parts_mut(gp.ptr().add(t * rows + r0), r1 - r0);
+                let us = std::slice::from_raw_parts(up_.ptr().add(t * rows + r0), r1 - r0);
+                crate::activation::silu_mul(gs, us);
+            }
+        }
+    };
+    if n_blocks == 1 || rows * gate.cols * n_tokens < MIN_PARALLEL_WORK {
+        (0..n_blocks).for_each(block);
+    } else {
+        (0..n_blocks).into_par_iter().for_each(block);
+    }
+}
+
+/// Hints the cache line holding `p` into L2 (T1 measured slightly better than T0 here). Never faults: `p` need not point to
+/// valid memory (callers compute it with `wrapping_add`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    // SAFETY: a prefetch is only a hint; it never dereferences or faults, whatever `p`.
+    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p as *const i8) }
+}
+
+/// Every f16 bit pattern converted to f32 (exact), built on first use: quantized kernels
+/// read block scales through it.
+#[cfg(target_arch = "x86_64")]
+fn f16_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Box<[f32]>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| (0..=u16::MAX).map(|b| f16::from_bits(b).to_f32()).collect())
 }
 
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);
+impl SyncPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
 // SAFETY: used only to write disjoint ranges from different tasks (see matmul_with).
 unsafe impl Send for SyncPtr {}
 // SAFETY: as above; no two tasks touch the same element.
@@ -217,8 +368,15 @@ unsafe impl Sync for SyncPtr {}
 type Kernel = fn(&[f32], usize, MatRef<'_>, &mut [f32], usize);
 
 fn select(isa: Isa) -> Kernel {
+    assert!(isa.is_supported(), "ISA {} is not supported by this CPU", isa.name());
     match isa {
-        Isa::Scalar | Isa::Avx2 | Isa::Avx512 => scalar::matmul,
+        Isa::Scalar => scalar::matmul,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::matmul,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::matmul,
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => scalar::matmul,
     }
 }
 
@@ -229,16 +387,95 @@ pub fn dot_row(isa: Isa, x: &[f32], w: MatRef<'_>, r: usize) -> f32 {
     y[0]
 }
 
+/// [`axpy_rows_with`] on the active ISA.
+pub fn axpy_rows(a: &[f32], w: MatRef<'_>, y: &mut [f32]) {
+    axpy_rows_with(active_isa(), a, w, y)
+}
+
+/// Rows of `W` (terms of the sum over j) per task of [`axpy_rows_with`]. A constant: the
+/// SIMD reduction order is "each block of this many rows from zero in ascending j, then the
+/// block sums added to y in block order", which must not depend on the thread count.
+/// Blocks of whole rows keep each thread's reads long and contiguous (splitting columns
+/// instead makes every core's prefetchers pull whole rows, doubling DRAM traffic).
+const AXPY_ROWS_PER_TASK: usize = 128;
+
+thread_local! {
+    /// Per-thread buffer for the block sums of [`axpy_rows_with`] (grows, never shrinks).
+    static AXPY_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// `y[t, :] += Σ_j a[t, j] · W[j, :]` (the transposed product `a · W`), with `a`:
-/// `[n_tokens, rows]` and `y`: `[n_tokens, cols]`. Each output sums over j in ascending
-/// order; parallel over column blocks, so the thread count does not change results.
+/// `[n_tokens, rows]` and `y`: `[n_tokens, cols]`.
+///
+/// Scalar: one `y += a·w` pass per row j in ascending order (the oracle). SIMD: blocks of
+/// [`AXPY_ROWS_PER_TASK`] rows are summed from zero (FMA, j ascending) in parallel, then
+/// added to `y` in block order; the order depends only on the ISA and `rows`, never on the
+/// batch or the thread count. Block sums live in a per-thread scratch buffer reused across
+/// calls (allocated on first use only).
 pub fn axpy_rows_with(isa: Isa, a: &[f32], w: MatRef<'_>, y: &mut [f32]) {
+    assert!(isa.is_supported(), "ISA {} is not supported by this CPU", isa.name());
     let (rows, cols) = (w.rows(), w.cols());
     if cols == 0 {
         return;
     }
     let n_tokens = y.len() / cols;
+    assert_eq!(y.len(), n_tokens * cols, "y is not [n_tokens, cols]");
     assert_eq!(a.len(), n_tokens * rows, "a is not [n_tokens, rows]");
-    let _ = isa;
-    scalar::axpy_rows(a, n_tokens, w, y);
+    if n_tokens == 0 || rows == 0 {
+        return;
+    }
+    let kernel: AxpyKernel = match isa {
+        Isa::Scalar => {
+            scalar::axpy_rows(a, n_tokens, w, y);
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::axpy_rows,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::axpy_rows,
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => {
+            scalar::axpy_rows(a, n_tokens, w, y);
+            return;
+        }
+    };
+    let n_blocks = rows.div_ceil(AXPY_ROWS_PER_TASK);
+    let part = n_tokens * cols;
+    let mut run = |scratch: &mut [f32]| {
+        let scratch = &mut scratch[..n_blocks * part];
+        let block = |(b, p): (usize, &mut [f32])| {
+            let r0 = b * AXPY_ROWS_PER_TASK;
+            let r1 = (r0 + AXPY_ROWS_PER_TASK).min(rows);
+            p.fill(0.0);
+            kernel(&a[r0..], rows, n_tokens, w.row_range(r0, r1), p);
+        };
+        if n_blocks == 1 || rows * cols * n_tokens < MIN_PARALLEL_WORK {
+            scratch.chunks_mut(part).enumerate().for_each(block);
+        } else {
+            scratch.par_chunks_mut(part).enumerate().for_each(block);
+        }
+        for p in scratch.chunks(part) {
+            for (yv, &pv) in y.iter_mut().zip(p) {
+                *yv += pv;
+            }
+        }
+    };
+    let need = n_blocks * part;
+    let reused = AXPY_SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < need {
+                buf.resize(need, 0.0);
+            }
+            run(&mut buf);
+            true
+        }
+        Err(_) => false,
+    });
+    if !reused {
+        // Re-entered on this thread (a rayon task of an outer call): a fresh buffer.
+        run(&mut vec![0f32; need]);
+    }
 }
+
+/// A SIMD `axpy` kernel (see `avx2::axpy_rows`).
+type AxpyKernel = fn(&[f32], usize, usize, MatRef<'_>, &mut [f32]);

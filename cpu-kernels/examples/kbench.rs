@@ -1,0 +1,120 @@
+//! Interleaved kernel-vs-bandwidth timing (ratios per round; robust on a shared machine).
+//! `cargo run --release -p hetmoe-cpu-kernels --example kbench [rounds]`
+#![allow(clippy::unwrap_used)]
+use std::time::Instant;
+
+use half::bf16;
+use hetmoe_cpu_kernels::bandwidth::parallel_read_sum;
+use hetmoe_cpu_kernels::matmul::{axpy_rows, matmul, MatRef, WeightsRef};
+use hetmoe_cpu_kernels::moe::{expert_swiglu, ExpertRef};
+use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
+
+const H: usize = 1024;
+const F: usize = 3584;
+const SET: usize = 512 << 20;
+
+/// Run time of all threads of this process, from /proc (ns resolution), in seconds.
+fn cpu_time() -> f64 {
+    let mut ns = 0u64;
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for e in dir.flatten() {
+            if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
+                ns += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+    }
+    ns as f64 * 1e-9
+}
+
+/// GB/s from wall time, or from CPU time divided by the thread count when `KB_CPU` is set
+/// (robust when other processes share the cores: it measures speed while running).
+fn rate(bytes: usize, f: impl FnOnce()) -> f64 {
+    let threads = rayon::current_num_threads() as f64;
+    let (t, c) = (Instant::now(), cpu_time());
+    f();
+    let (wall, cpu) = (t.elapsed().as_secs_f64(), cpu_time() - c);
+    let secs = if std::env::var("KB_CPU").is_ok() { cpu / threads } else { wall };
+    bytes as f64 / secs / 1e9
+}
+
+fn main() {
+    let rounds: usize = std::env::args().nth(1).map(|s| s.parse().unwrap()).unwrap_or(5);
+    let w: Vec<f32> = (0..3 * F * H).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.05).collect();
+    let wb: Vec<bf16> = w.iter().map(|&a| bf16::from_f32(a)).collect();
+    let mut q8 = vec![BlockQ8 { d: half::f16::ZERO, qs: [0; QK] }; w.len() / QK];
+    quantize_q8(&w, &mut q8);
+    let mut q4 = vec![BlockQ4 { d: half::f16::ZERO, qs: [0; QK / 2] }; w.len() / QK];
+    quantize_q4(&w, &mut q4);
+    let nb = SET / (wb.len() * 2);
+    let nq8 = SET / (q8.len() * 34);
+    let nq4 = SET / (q4.len() * 18);
+    let bsets: Vec<Vec<bf16>> = (0..nb).map(|_| wb.clone()).collect();
+    let q8sets: Vec<Vec<BlockQ8>> = (0..nq8).map(|_| q8.clone()).collect();
+    let q4sets: Vec<Vec<BlockQ4>> = (0..nq4).map(|_| q4.clone()).collect();
+    let probe = vec![1f32; SET / 4];
+    let vb = vw(bsets.iter().map(|v| WeightsRef::Bf16(v)).collect());
+    let v8 = vw(q8sets.iter().map(|v| WeightsRef::Q8(v)).collect());
+    let v4 = vw(q4sets.iter().map(|v| WeightsRef::Q4(v)).collect());
+    let x = vec![0.5f32; 32 * H];
+    let mut y = vec![0f32; 32 * 3 * F];
+    let mut out = vec![0f32; 32 * H];
+    let mut act = vec![0f32; 2 * 32 * F];
+    let which: Vec<String> =
+        std::env::var("KB").unwrap_or("mv,ex".into()).split(',').map(String::from).collect();
+    let mut best: Vec<(String, f64)> = Vec::new();
+    let mut note = |k: String, g: f64| match best.iter_mut().find(|(n, _)| *n == k) {
+        Some(e) => e.1 = e.1.max(g),
+        None => best.push((k, g)),
+    };
+    for r in 0..rounds {
+        let bw = rate(SET, || {
+            std::hint::black_box(parallel_read_sum(&probe));
+        });
+        let mut line = format!("round {r}: probe {bw:5.1} GB/s |");
+        note("probe".into(), bw);
+        for (name, set) in [("bf16", &vb), ("q8", &v8), ("q4", &v4)] {
+            let bytes: usize = set.iter().map(|m| m.size_bytes()).sum();
+            for n in [1usize, 8] {
+                if which.contains(&"mv".to_string()) && (n == 1 || name != "q4") {
+                    let g = rate(bytes, || {
+                        for m in set {
+                            matmul(&x[..n * H], *m, &mut y[..n * 3 * F]);
+                        }
+                    });
+                    line += &format!(" mv {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
+                    note(format!("mv {name} n{n}"), g);
+                }
+                if which.contains(&"ax".to_string()) && n == 1 {
+                    let g = rate(bytes, || {
+                        for m in set {
+                            axpy_rows(&y[..n * 3 * F], *m, &mut out[..n * H]);
+                        }
+                    });
+                    line += &format!(" ax {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
+                    note(format!("ax {name} n{n}"), g);
+                }
+                if which.contains(&"ex".to_string()) && n == 1 {
+                    let g = rate(bytes, || {
+                        for m in set {
+                            let e = ExpertRef::bundled(m.data(), F, H).unwrap();
+                            expert_swiglu(&x[..n * H], e, &mut act, &mut out[..n * H]);
+                        }
+                    });
+                    line += &format!(" ex {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
+                    note(format!("ex {name} n{n}"), g);
+                }
+            }
+        }
+        println!("{line}");
+    }
+    let p = best[0].1;
+    let mut line = format!("best of {rounds}: probe {p:5.1} GB/s |");
+    for (k, g) in &best[1..] {
+        line += &format!(" {k} {g:5.1} ({:3.0}%)", 100.0 * g / p);
+    }
+    println!("{line}");
+}
+
+fn vw(d: Vec<WeightsRef<'_>>) -> Vec<MatRef<'_>> {
+    d.into_iter().map(|v| MatRef::new(v, 3 * F, H).unwrap()).collect()
+}

@@ -1,0 +1,52 @@
+//! In-cache single-thread kernel speed per ISA (compute efficiency, not bandwidth).
+#![allow(clippy::unwrap_used)]
+use std::time::Instant;
+
+use half::bf16;
+use hetmoe_cpu_kernels::matmul::{axpy_rows_with, matmul_with, MatRef, WeightsRef};
+use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
+use hetmoe_cpu_kernels::Isa;
+
+fn main() {
+    let (rows, cols) = (256usize, 1024usize);
+    let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.05).collect();
+    let wb: Vec<bf16> = w.iter().map(|&a| bf16::from_f32(a)).collect();
+    let mut q8 = vec![BlockQ8 { d: half::f16::ZERO, qs: [0; QK] }; w.len() / QK];
+    quantize_q8(&w, &mut q8);
+    let mut q4 = vec![BlockQ4 { d: half::f16::ZERO, qs: [0; QK / 2] }; w.len() / QK];
+    quantize_q4(&w, &mut q4);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let x = vec![0.5f32; 64 * cols];
+    let mut y = vec![0f32; 64 * rows];
+    let mut o = vec![0f32; 64 * cols];
+    pool.install(|| {
+        for isa in Isa::all_supported().into_iter().skip(1) {
+            for (name, d) in [
+                ("f32", WeightsRef::F32(&w)),
+                ("bf16", WeightsRef::Bf16(&wb)),
+                ("q8", WeightsRef::Q8(&q8)),
+                ("q4", WeightsRef::Q4(&q4)),
+            ] {
+                let m = MatRef::new(d, rows, cols).unwrap();
+                let mut line = format!("{isa:?} {name:5}");
+                for n in [1usize, 2, 4, 8, 32] {
+                    let reps = 2000 / n;
+                    let t = Instant::now();
+                    for _ in 0..reps {
+                        matmul_with(isa, &x[..n * cols], m, &mut y[..n * rows]);
+                    }
+                    let s = t.elapsed().as_secs_f64();
+                    line += &format!(" n{n}: {:6.1} GFMA/s", (reps * n * rows * cols) as f64 / s / 1e9);
+                }
+                let reps = 2000;
+                let t = Instant::now();
+                for _ in 0..reps {
+                    axpy_rows_with(isa, &y[..rows], m, &mut o[..cols]);
+                }
+                let s = t.elapsed().as_secs_f64();
+                line += &format!(" axpy n1: {:6.1}", (reps * rows * cols) as f64 / s / 1e9);
+                println!("{line}");
+            }
+        }
+    });
+}

@@ -1,0 +1,527 @@
+//! AVX-512 F/BW/VL kernels (16 f32 lanes), the same structure as `avx2.rs`.
+//!
+//! Reduction pattern of one dot product `Σ_c x[c]·w[c]` (the same whatever tile it is
+//! computed in, so results never depend on how tokens or rows are grouped):
+//! * dense weights (f32 / bf16 / f16): one 16-lane accumulator, `acc = fma(x[c..c+16],
+//!   w[c..c+16], acc)` over the full chunks in column order, then the last `cols % 16`
+//!   columns as one zero-padded chunk, then [`hsum`];
+//! * quantized weights (q8 / q4, blocks of 32): per block `b = x0·q0`, `b = fma(x1, q1, b)`
+//!   over its two 16-element halves, then `acc = fma(b, d, acc)`; [`hsum`] at the end.
+//!
+//! Multi-token tiles (up to [`NR`] rows × [`NT`] tokens) keep one accumulator per
+//! (token, row) pair and load each weight vector once per tile.
+//!
+//! `axpy_rows` (one block of rows; the caller sums blocks in order): per output element
+//! `y = fma(a[j], w[j], y)` for j ascending, with quantized weights dequantized as `d · q`
+//! (one rounding, as the scalar oracle does).
+
+use std::arch::x86_64::*;
+
+use super::{prefetch, MatRef, WeightsRef};
+use crate::dispatch::Isa;
+use crate::quant::QK;
+
+const LANES: usize = 16;
+/// Rows per tile.
+const NR: usize = 4;
+/// Tokens per tile.
+const NT: usize = 4;
+
+/// Software prefetch distance in row tiles.
+const PREFETCH_TILES: usize = 4;
+
+const DT_F32: u8 = 0;
+const DT_BF16: u8 = 1;
+const DT_F16: u8 = 2;
+const Q_8: u8 = 0;
+const Q_4: u8 = 1;
+const Q8_BYTES: usize = 2 + QK;
+const Q4_BYTES: usize = 2 + QK / 2;
+
+/// Horizontal sum in a fixed order: (lo256 + hi256), (lo128 + hi128), then pairs, then
+/// the last two.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn hsum(v: __m512) -> f32 {
+    let h = _mm256_add_ps(
+        _mm512_castps512_ps256(v),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+    );
+    let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+    _mm_cvtss_f32(s)
+}
+
+/// 16 weights of type `DT` at element `i` of `p`, as f32.
+///
+/// # Safety
+/// `p` must point to at least `i + 16` readable elements of type `DT`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn load_dense<const DT: u8>(p: *const u8, i: usize) -> __m512 {
+    // SAFETY: the caller guarantees elements i..i+16 are readable; loads are unaligned.
+    unsafe {
+        match DT {
+            DT_F32 => _mm512_loadu_ps((p as *const f32).add(i)),
+            DT_BF16 => {
+                let h = _mm256_loadu_si256((p as *const u16).add(i) as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+            _ => _mm512_cvtph_ps(_mm256_loadu_si256((p as *const u16).add(i) as *const __m256i)),
+        }
+    }
+}
+
+/// Bytes per element of dense type `DT`.
+const fn elem_bytes<const DT: u8>() -> usize {
+    if DT == DT_F32 {
+        4
+    } else {
+        2
+    }
+}
+
+/// One weight of type `DT` at element `i` of `p`, as f32 (exact for all three types).
+///
+/// # Safety
+/// `p` must point to at least `i + 1` readable elements of type `DT`.
+#[inline]
+unsafe fn load_one<const DT: u8>(p: *const u8, i: usize) -> f32 {
+    // SAFETY: the caller guarantees element i is readable.
+    unsafe {
+        match DT {
+            DT_F32 => (p as *const f32).add(i).read_unaligned(),
+            DT_BF16 => f32::from_bits(((p as *const u16).add(i).read_unaligned() as u32) << 16),
+            _ => half::f16::from_bits((p as *const u16).add(i).read_unaligned()).to_f32(),
+        }
+    }
+}
+
+/// Dot products of `R` dense rows with `T` tokens.
+///
+/// # Safety
+/// Each `w[r]` points to `cols` readable elements of type `DT`; `x` points to `T` rows of
+/// `cols` readable f32 at stride `xs`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn dense_tile<const DT: u8, const R: usize, const T: usize>(
+    x: *const f32,
+    xs: usize,
+    w: [*const u8; R],
+    cols: usize,
+    pf: usize,
+) -> [[f32; R]; T] {
+    let mut acc = [[_mm512_setzero_ps(); R]; T];
+    let full = cols / LANES * LANES;
+    let mut c = 0;
+    // SAFETY: c + 16 <= full <= cols, within every row and every token (caller contract).
+    unsafe {
+        while c < full {
+            let line = (c * elem_bytes::<DT>()).is_multiple_of(64);
+            let mut wv = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                wv[r] = load_dense::<DT>(w[r], c);
+                if line {
+                    prefetch(w[r].wrapping_add(c * elem_bytes::<DT>() + pf));
+                }
+            }
+            for t in 0..T {
+                let xv = _mm512_loadu_ps(x.add(t * xs + c));
+                for r in 0..R {
+                    acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
+                }
+            }
+            c += LANES;
+        }
+    }
+    if c < cols {
+        let m = cols - c;
+        let mut wb = [[0f32; LANES]; R];
+        for r in 0..R {
+            for i in 0..m {
+                // SAFETY: c + i < cols.
+                wb[r][i] = unsafe { load_one::<DT>(w[r], c + i) };
+            }
+        }
+        for t in 0..T {
+            let mut xb = [0f32; LANES];
+            for i in 0..m {
+                // SAFETY: c + i < cols, token t < T.
+                xb[i] = unsafe { x.add(t * xs + c + i).read() };
+            }
+            // SAFETY: the buffers hold LANES f32 each.
+            let xv = unsafe { _mm512_loadu_ps(xb.as_ptr()) };
+            for r in 0..R {
+                // SAFETY: as above.
+                let wv = unsafe { _mm512_loadu_ps(wb[r].as_ptr()) };
+                acc[t][r] = _mm512_fmadd_ps(xv, wv, acc[t][r]);
+            }
+        }
+    }
+    let mut out = [[0f32; R]; T];
+    for t in 0..T {
+        for r in 0..R {
+            out[t][r] = hsum(acc[t][r]);
+        }
+    }
+    out
+}
+
+/// The block's scale broadcast, and its 32 values (`q`, or `q − 8` for q4) as 2 vectors.
+///
+/// # Safety
+/// `p` points to one readable block of kind `Q`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn load_block<const Q: u8>(p: *const u8) -> (__m512, [__m512; 2]) {
+    // SAFETY: the block is readable (caller); all loads are unaligned and within it
+    // (q8: 2 + 2·16 = 34 bytes; q4: 2 + 16 = 18 bytes).
+    unsafe {
+        let d = _mm512_cvtph_ps(_mm256_set1_epi16((p as *const i16).read_unaligned()));
+        let qs = p.add(2);
+        if Q == Q_8 {
+            let lo = _mm_loadu_si128(qs as *const __m128i);
+            let hi = _mm_loadu_si128(qs.add(16) as *const __m128i);
+            (d, [_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi))])
+        } else {
+            // Each byte widened to a dword; vpermps looks only at the low 4 bits of each
+            // index, so the low nibble indexes the table directly and the high nibble after a
+            // shift by 4: no masking, no integer→float conversion.
+            let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs as *const __m128i));
+            let table = nibble_table();
+            (d, [_mm512_permutexvar_ps(b, table), _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), table)])
+        }
+    }
+}
+
+/// `[q − 8 for q in 0..16]` as f32 (exact), the q4 nibble lookup table.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn nibble_table() -> __m512 {
+    _mm512_setr_ps(-8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
+}
+
+/// The scale of the block at `p`, broadcast, through the f16→f32 table (a load that the
+/// FMA can take as a broadcast operand; cheaper than a vector conversion per block).
+///
+/// # Safety
+/// `p` points to a readable block; `lut` is [`super::f16_table`] (65536 entries).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn block_scale(p: *const u8, lut: *const f32) -> __m512 {
+    // SAFETY: the scale is the block's first two bytes; every u16 indexes the table.
+    unsafe { _mm512_set1_ps(*lut.add((p as *const u16).read_unaligned() as usize)) }
+}
+
+/// Dot products of `R` quantized rows with `T` tokens.
+///
+/// # Safety
+/// Each `w[r]` points to `nb` readable blocks of kind `Q`; `x` points to `T` rows of
+/// `nb · 32` readable f32 at stride `xs`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn quant_tile<const Q: u8, const R: usize, const T: usize>(
+    x: *const f32,
+    xs: usize,
+    w: [*const u8; R],
+    nb: usize,
+    pf: usize,
+    lut: *const f32,
+) -> [[f32; R]; T] {
+    let bytes = if Q == Q_8 { Q8_BYTES } else { Q4_BYTES };
+    let mut acc = [[_mm512_setzero_ps(); R]; T];
+    for b in 0..nb {
+        for r in 0..R {
+            // SAFETY: block b < nb of row r, and columns b·32 .. b·32 + 32 of each token.
+            unsafe {
+                let p = w[r].add(b * bytes);
+                let (_, q) = load_block::<Q>(p);
+                let d = block_scale(p, lut);
+                prefetch(w[r].wrapping_add(b * bytes + pf));
+                for t in 0..T {
+                    let xp = x.add(t * xs + b * QK);
+                    let mut s = _mm512_mul_ps(_mm512_loadu_ps(xp), q[0]);
+                    s = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(16)), q[1], s);
+                    acc[t][r] = _mm512_fmadd_ps(s, d, acc[t][r]);
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; R]; T];
+    for t in 0..T {
+        for r in 0..R {
+            out[t][r] = hsum(acc[t][r]);
+        }
+    }
+    out
+}
+
+/// Base pointer of the weights as bytes, and bytes per "unit" (element, or block for
+/// quantized data) together with elements per unit.
+fn raw(w: &MatRef<'_>) -> (*const u8, usize, usize) {
+    match w.data {
+        WeightsRef::F32(s) => (s.as_ptr() as *const u8, 4, 1),
+        WeightsRef::Bf16(s) => (s.as_ptr() as *const u8, 2, 1),
+        WeightsRef::F16(s) => (s.as_ptr() as *const u8, 2, 1),
+        WeightsRef::Q8(s) => (s.as_ptr() as *const u8, Q8_BYTES, QK),
+        WeightsRef::Q4(s) => (s.as_ptr() as *const u8, Q4_BYTES, QK),
+    }
+}
+
+/// `y[t * y_stride + r] = x_t · W_r` for all `n_tokens` tokens and rows of `w`.
+pub(super) fn matmul(x: &[f32], n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
+    assert!(Isa::Avx512.is_supported(), "AVX-512 kernel called on a CPU without AVX-512 F/BW/VL");
+    let (rows, cols) = (w.rows, w.cols);
+    if rows == 0 || n_tokens == 0 {
+        return;
+    }
+    assert!(x.len() >= n_tokens * cols, "x shorter than n_tokens * cols");
+    assert!(y_stride >= rows && y.len() >= (n_tokens - 1) * y_stride + rows, "y too short");
+    // SAFETY: the CPU supports the features (asserted); shapes were asserted above and
+    // MatRef guarantees (rows - 1) * stride + cols elements of data.
+    unsafe { matmul_impl(x, n_tokens, w, y, y_stride) }
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL available; `x`, `y` sized as asserted in [`matmul`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn matmul_impl(x: &[f32], n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        match w.data {
+            WeightsRef::F32(_) => tiles::<DT_F32, false>(x, n_tokens, w, y, y_stride),
+            WeightsRef::Bf16(_) => tiles::<DT_BF16, false>(x, n_tokens, w, y, y_stride),
+            WeightsRef::F16(_) => tiles::<DT_F16, false>(x, n_tokens, w, y, y_stride),
+            WeightsRef::Q8(_) => tiles::<Q_8, true>(x, n_tokens, w, y, y_stride),
+            WeightsRef::Q4(_) => tiles::<Q_4, true>(x, n_tokens, w, y, y_stride),
+        }
+    }
+}
+
+/// # Safety
+/// As [`matmul_impl`]; `K` matches the weight type of `w`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn tiles<const K: u8, const QUANT: bool>(
+    x: &[f32],
+    n_tokens: usize,
+    w: MatRef<'_>,
+    y: &mut [f32],
+    y_stride: usize,
+) {
+    let (rows, cols) = (w.rows, w.cols);
+    let (base, unit_bytes, unit_elems) = raw(&w);
+    let row_bytes = w.stride / unit_elems * unit_bytes;
+    let nb = cols / QK;
+    let xp = x.as_ptr();
+    // Software prefetch distance: the rows PREFETCH_TILES tiles ahead (rows are too short
+    // for the hardware prefetchers to ramp up on four interleaved streams). Dense rows get
+    // one prefetch per 64 bytes; quantized rows one per block (measured faster than a
+    // branch on line crossings).
+    let pf = PREFETCH_TILES * NR * row_bytes;
+    let lut = super::f16_table().as_ptr();
+    macro_rules! run {
+        ($r:literal, $t:literal, $r0:expr, $t0:expr) => {{
+            // SAFETY: rows r0 .. r0 + R <= rows start at base + r · row_bytes and hold cols
+            // elements (MatRef invariant); tokens t0 .. t0 + T <= n_tokens have cols f32 in x.
+            let out = unsafe {
+                let mut wp = [base; $r];
+                for i in 0..$r {
+                    wp[i] = base.add(($r0 + i) * row_bytes);
+                }
+                let xt = xp.add($t0 * cols);
+                if QUANT {
+                    quant_tile::<K, $r, $t>(xt, cols, wp, nb, pf, lut)
+                } else {
+                    dense_tile::<K, $r, $t>(xt, cols, wp, cols, pf)
+                }
+            };
+            for t in 0..$t {
+                for r in 0..$r {
+                    y[($t0 + t) * y_stride + $r0 + r] = out[t][r];
+                }
+            }
+        }};
+    }
+    let rows_full = rows / NR * NR;
+    let tok_full = n_tokens / NT * NT;
+    let mut r0 = 0;
+    while r0 < rows {
+        let mut t0 = 0;
+        if r0 < rows_full {
+            while t0 < tok_full {
+                run!(4, 4, r0, t0);
+                t0 += NT;
+            }
+            while t0 < n_tokens {
+                run!(4, 1, r0, t0);
+                t0 += 1;
+            }
+            r0 += NR;
+        } else {
+            while t0 < tok_full {
+                run!(1, 4, r0, t0);
+                t0 += NT;
+            }
+            while t0 < n_tokens {
+                run!(1, 1, r0, t0);
+                t0 += 1;
+            }
+            r0 += 1;
+        }
+    }
+}
+
+/// `y[t * cols + c] += Σ_j a[t * a_stride + j] · W[j, c]` for every row j of `w` (in
+/// ascending order) and every column c, for `n_tokens` tokens (`y`: `[n_tokens, cols]`).
+pub(super) fn axpy_rows(a: &[f32], a_stride: usize, n_tokens: usize, w: MatRef<'_>, y: &mut [f32]) {
+    assert!(Isa::Avx512.is_supported(), "AVX-512 kernel called on a CPU without AVX-512 F/BW/VL");
+    let (rows, cols) = (w.rows, w.cols);
+    if n_tokens == 0 || rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(a_stride >= rows && a.len() >= (n_tokens - 1) * a_stride + rows, "a too short");
+    assert!(y.len() >= n_tokens * cols, "y too short");
+    let (yp, a) = (y.as_mut_ptr(), &a[..(n_tokens - 1) * a_stride + rows]);
+    // SAFETY: features present (asserted); `y` holds n_tokens rows of cols (asserted) and is
+    // exclusively borrowed; quantized cols are multiples of 32 (MatRef invariant).
+    unsafe {
+        match w.data {
+            WeightsRef::F32(_) => axpy_impl::<DT_F32, false>(a, a_stride, n_tokens, w, 0, cols, yp, cols),
+            WeightsRef::Bf16(_) => axpy_impl::<DT_BF16, false>(a, a_stride, n_tokens, w, 0, cols, yp, cols),
+            WeightsRef::F16(_) => axpy_impl::<DT_F16, false>(a, a_stride, n_tokens, w, 0, cols, yp, cols),
+            WeightsRef::Q8(_) => axpy_impl::<Q_8, true>(a, a_stride, n_tokens, w, 0, cols, yp, cols),
+            WeightsRef::Q4(_) => axpy_impl::<Q_4, true>(a, a_stride, n_tokens, w, 0, cols, yp, cols),
+        }
+    }
+}
+
+/// Rows of W processed together (each output still sums j in ascending order).
+const AXPY_ROWS: usize = 4;
+
+/// # Safety
+/// CPU features present; `y` valid for reads and writes at `t * y_stride + c` for
+/// `t < n_tokens`, `c` in `c0..c1` (block aligned for quantized weights), exclusively ours;
+/// `a` holds `(n_tokens - 1) * a_stride + rows` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn axpy_impl<const K: u8, const QUANT: bool>(
+    a: &[f32],
+    a_stride: usize,
+    n_tokens: usize,
+    w: MatRef<'_>,
+    c0: usize,
+    c1: usize,
+    y: *mut f32,
+    y_stride: usize,
+) {
+    let rows = w.rows;
+    let (base, unit_bytes, unit_elems) = raw(&w);
+    let row_bytes = w.stride / unit_elems * unit_bytes;
+    // Prefetch two row groups ahead (rows are short; bundled rows are not contiguous).
+    let pf = 2 * AXPY_ROWS * row_bytes;
+    let lut = super::f16_table().as_ptr();
+    let mut j = 0;
+    while j < rows {
+        let nj = AXPY_ROWS.min(rows - j);
+        let mut wp = [base; AXPY_ROWS];
+        for i in 0..nj {
+            // SAFETY: row j + i < rows lies inside the data (MatRef invariant).
+            wp[i] = unsafe { base.add((j + i) * row_bytes) };
+        }
+        for t in 0..n_tokens {
+            let at = &a[t * a_stride + j..t * a_stride + j + nj];
+            // SAFETY: y row t, columns c0..c1 (caller); rows j..j+nj (above).
+            let yt = unsafe { y.add(t * y_stride) };
+            // SAFETY: as above.
+            unsafe {
+                if QUANT {
+                    axpy_quant::<K>(at, &wp[..nj], c0, c1, yt, pf, lut)
+                } else {
+                    axpy_dense::<K>(at, &wp[..nj], c0, c1, yt, pf)
+                }
+            }
+        }
+        j += nj;
+    }
+}
+
+/// `y[c] = fma(a[i], w_i[c], y[c])` for each row i in order, `c` in `c0..c1`.
+///
+/// # Safety
+/// Rows hold at least `c1` elements of type `DT`; `y[c0..c1]` is exclusively ours.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn axpy_dense<const DT: u8>(
+    a: &[f32],
+    wp: &[*const u8],
+    c0: usize,
+    c1: usize,
+    y: *mut f32,
+    pf: usize,
+) {
+    let mut c = c0;
+    // SAFETY: c + 16 <= c1 inside the loop; tail elements c < c1.
+    unsafe {
+        while c + LANES <= c1 {
+            let mut yv = _mm512_loadu_ps(y.add(c));
+            for (i, &p) in wp.iter().enumerate() {
+                yv = _mm512_fmadd_ps(_mm512_set1_ps(a[i]), load_dense::<DT>(p, c), yv);
+                prefetch(p.wrapping_add(c * elem_bytes::<DT>() + pf));
+            }
+            _mm512_storeu_ps(y.add(c), yv);
+            c += LANES;
+        }
+        while c < c1 {
+            let mut v = y.add(c).read();
+            for (i, &p) in wp.iter().enumerate() {
+                v = a[i].mul_add(load_one::<DT>(p, c), v);
+            }
+            y.add(c).write(v);
+            c += 1;
+        }
+    }
+}
+
+/// Quantized [`axpy_dense`]: `w = d · q` (rounded) then `y = fma(a, w, y)`.
+///
+/// # Safety
+/// Rows hold at least `c1 / 32` blocks of kind `Q`; `c0`, `c1` multiples of 32; `lut` is
+/// [`super::f16_table`];
+/// `y[c0..c1]` is exclusively ours.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn axpy_quant<const Q: u8>(
+    a: &[f32],
+    wp: &[*const u8],
+    c0: usize,
+    c1: usize,
+    y: *mut f32,
+    pf: usize,
+    lut: *const f32,
+) {
+    let bytes = if Q == Q_8 { Q8_BYTES } else { Q4_BYTES };
+    let mut c = c0;
+    // SAFETY: block c / 32 < c1 / 32 of every row; y[c..c+32] within c0..c1.
+    unsafe {
+        while c < c1 {
+            let mut yv = [_mm512_setzero_ps(); 2];
+            for k in 0..2 {
+                yv[k] = _mm512_loadu_ps(y.add(c + 16 * k));
+            }
+            for (i, &p) in wp.iter().enumerate() {
+                let (_, q) = load_block::<Q>(p.add(c / QK * bytes));
+                let d = block_scale(p.add(c / QK * bytes), lut);
+                prefetch(p.wrapping_add(c / QK * bytes + pf));
+                let av = _mm512_set1_ps(a[i]);
+                for k in 0..2 {
+                    yv[k] = _mm512_fmadd_ps(av, _mm512_mul_ps(d, q[k]), yv[k]);
+                }
+            }
+            for k in 0..2 {
+                _mm512_storeu_ps(y.add(c + 16 * k), yv[k]);
+            }
+            c += QK;
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! Every ISA the running CPU supports against the scalar oracle, and the determinism
+//! contract (batch-, tiling-, layout- and thread-count invariance), on awkward shapes.
+#![allow(clippy::unwrap_used)]
+
+use half::{bf16, f16};
+use hetmoe_cpu_kernels::matmul::{axpy_rows_with, dot_row, matmul_with, MatRef, WeightsRef};
+use hetmoe_cpu_kernels::moe::{expert_swiglu_unfused_with, expert_swiglu_with, ExpertRef};
+use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
+use hetmoe_cpu_kernels::Isa;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Max |simd − scalar| relative to Σ|x·w| of that output (reordered f32 sums of ≤ ~2k
+/// terms, plus FMA vs separate rounding).
+const DOT_REL_TOL: f64 = 2e-6;
+/// Same for `axpy_rows` (same order over j; only FMA vs mul+add rounding differs).
+const AXPY_REL_TOL: f64 = 2e-6;
+/// Same for the whole expert, relative to Σ|a·w_down| (silu(g)·u amplifies gate/up errors).
+const EXPERT_REL_TOL: f64 = 1e-5;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Dt {
+    F32,
+    Bf16,
+    F16,
+    Q8,
+    Q4,
+}
+const DTS: [Dt; 5] = [Dt::F32, Dt::Bf16, Dt::F16, Dt::Q8, Dt::Q4];
+
+impl Dt {
+    fn quant(self) -> bool {
+        matches!(self, Dt::Q8 | Dt::Q4)
+    }
+}
+
+/// Owned weights of one type, with `pad` leading elements (blocks for quantized types) so
+/// the view starts misaligned.
+enum Store {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+    Q8(Vec<BlockQ8>),
+    Q4(Vec<BlockQ4>),
+}
+
+impl Store {
+    fn new(dt: Dt, v: &[f32], pad: usize) -> Store {
+        let mut p = vec![0.5f32; pad * if dt.quant() { QK } else { 1 }];
+        p.extend_from_slice(v);
+        match dt {
+            Dt::F32 => Store::F32(p),
+            Dt::Bf16 => Store::Bf16(p.iter().map(|&a| bf16::from_f32(a)).collect()),
+            Dt::F16 => Store::F16(p.iter().map(|&a| f16::from_f32(a)).collect()),
+            Dt::Q8 => {
+                let mut b = vec![BlockQ8 { d: f16::ZERO, qs: [0; QK] }; p.len() / QK];
+                quantize_q8(&p, &mut b);
+                Store::Q8(b)
+            }
+            Dt::Q4 => {
+                let mut b = vec![BlockQ4 { d: f16::ZERO, qs: [0; QK / 2] }; p.len() / QK];
+                quantize_q4(&p, &mut b);
+                Store::Q4(b)
+            }
+        }
+    }
+    /// The view without the padding.
+    fn view(&self, pad: usize) -> WeightsRef<'_> {
+        match self {
+            Store::F32(v) => WeightsRef::F32(&v[pad..]),
+            Store::Bf16(v) => WeightsRef::Bf16(&v[pad..]),
+            Store::F16(v) => WeightsRef::F16(&v[pad..]),
+            Store::Q8(v) => WeightsRef::Q8(&v[pad..]),
+            Store::Q4(v) => WeightsRef::Q4(&v[pad..]),
+        }
+    }
+}
+
+fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+}
+
+/// Row `r` of `w` as f64 (for the Σ|x·w| scale).
+fn row_f64(w: &MatRef<'_>, r: usize) -> Vec<f64> {
+    let mut o = vec![0f32; w.cols()];
+    w.row_to_f32(r, &mut o);
+    o.into_iter().map(f64::from).collect()
+}
+
+fn simd_isas() -> Vec<Isa> {
+    Isa::all_supported().into_iter().filter(|&i| i != Isa::Scalar).collect()
+}
+
+/// A test matrix: random weights of `dt`, `rows × cols` with row stride `stride`, viewed
+/// from a misaligned start when `pad > 0`.
+struct Mat {
+    store: Store,
+    pad: usize,
+    rows: usize,
+    cols: usize,
+    stride: usize,
+}
+
+impl Mat {
+    fn new(rng: &mut ChaCha8Rng, dt: Dt, rows: usize, cols: usize, extra: usize, pad: usize) -> Mat {
+        let stride = cols + extra;
+        let n = if rows == 0 { 0 } else { (rows - 1) * stride + cols };
+        let n = if dt.quant() { n.next_multiple_of(QK) } else { n };
+        let v = rand_vec(rng, n);
+        Mat { store: Store::new(dt, &v, pad), pad, rows, cols, stride }
+    }
+    fn mat(&self) -> MatRef<'_> {
+        let v = self.store.view(self.pad);
+        MatRef::strided(v, self.rows, self.cols, self.stride).unwrap()
+    }
+}
+
+/// Shapes: (rows, cols, row stride extra) for dense and quantized weights.
+fn shapes(dt: Dt) -> Vec<(usize, usize, usize)> {
+    if dt.quant() {
+        vec![
+            (0, 32, 0),
+            (1, 32, 0),
+            (3, 64, 32),
+            (4, 96, 0),
+            (5, 32, 64),
+            (17, 160, 0),
+            (70, 1024, 32),
+            (300, 64, 0),
+        ]
+    } else {
+        let mut v = vec![(0, 8, 0), (1, 0, 0), (1, 1, 0), (3, 7, 0), (4, 8, 1), (5, 9, 3), (9, 15, 0)];
+        v.extend([
+            (2, 16, 0),
+            (7, 17, 2),
+            (13, 31, 0),
+            (5, 33, 0),
+            (67, 100, 5),
+            (65, 1027, 0),
+            (300, 41, 3),
+        ]);
+        v
+    }
+}
+
+#[test]
+fn matmul_matches_scalar_on_every_isa() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for dt in DTS {
+        for (rows, cols, extra) in shapes(dt) {
+            for pad in [0, 1] {
+                let m = Mat::new(&mut rng, dt, rows, cols, extra, pad);
+                let w = m.mat();
+                for n in [1, 2, 3, 5, 18] {
+                    let x = rand_vec(&mut rng, n * cols);
+                    let mut want = vec![0f32; n * rows];
+                    matmul_with(Isa::Scalar, &x, w, &mut want);
+                    for isa in simd_isas() {
+                        let mut got = vec![f32::NAN; n * rows];
+                        matmul_with(isa, &x, w, &mut got);
+                        for t in 0..n {
+                            for r in 0..rows {
+                                let wr = row_f64(&w, r);
+                                let scale: f64 = x[t * cols..(t + 1) * cols]
+                                    .iter()
+                                    .zip(&wr)
+                                    .map(|(&a, b)| (a as f64 * b).abs())
+                                    .sum();
+                                let (g, e) = (got[t * rows + r] as f64, want[t * rows + r] as f64);
+                                assert!(
+                                    (g - e).abs() <= DOT_REL_TOL * scale + 1e-30,
+                                    "{isa:?} {dt:?} {rows}x{cols}+{extra} pad {pad} n {n} t {t} r {r}: {g} vs {e} (scale {scale})"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_is_batch_and_tiling_invariant() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    for isa in Isa::all_supported() {
+        for dt in DTS {
+            let (rows, cols) = if dt.quant() { (71, 96) } else { (71, 45) };
+            let m = Mat::new(&mut rng, dt, rows, cols, 0, 1);
+            let w = m.mat();
+            let n = 21;
+            let x = rand_vec(&mut rng, n * cols);
+            let mut all = vec![0f32; n * rows];
+            matmul_with(isa, &x, w, &mut all);
+            for t in 0..n {
+                let xt = &x[t * cols..(t + 1) * cols];
+                let mut one = vec![0f32; rows];
+                matmul_with(isa, xt, w, &mut one);
+                assert_eq!(one, all[t * rows..(t + 1) * rows], "{isa:?} {dt:?} token {t}");
+                // Any sub-batch, and any single row (other row tiling), gives the same bits.
+                let t1 = (t + 3).min(n);
+                let mut some = vec![0f32; (t1 - t) * rows];
+                matmul_with(isa, &x[t * cols..t1 * cols], w, &mut some);
+                assert_eq!(some, all[t * rows..t1 * rows], "{isa:?} {dt:?} tokens {t}..{t1}");
+                for r in [0, 3, rows - 1] {
+                    assert_eq!(dot_row(isa, xt, w, r).to_bits(), one[r].to_bits(), "{isa:?} {dt:?} row {r}");
+                    let sub = w.row_range(r, rows);
+                    let mut tail = vec![0f32; rows - r];
+                    matmul_with(isa, xt, sub, &mut tail);
+                    assert_eq!(tail, one[r..], "{isa:?} {dt:?} rows {r}..");
+                }
+            }
+        }
+    }
+}
+
+fn pool(n: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()
+}
+
+#[test]
+fn matmul_and_axpy_are_thread_count_invariant() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for isa in Isa::all_supported() {
+        for dt in DTS {
+            // Large enough to be split into many tasks.
+            let (rows, cols) = (333, 1024);
+            let m = Mat::new(&mut rng, dt, rows, cols, 0, 0);
+            let w = m.mat();
+            for n in [1, 3] {
+                let x = rand_vec(&mut rng, n * cols);
+                let a = rand_vec(&mut rng, n * rows);
+                let run = |threads: usize| {
+                    pool(threads).install(|| {
+                        let mut y = vec![0f32; n * rows];
+                        matmul_with(isa, &x, w, &mut y);
+                        let mut z = vec![0.25f32; n * cols];
+                        axpy_rows_with(isa, &a, w, &mut z);
+                        (y, z)
+                    })
+                };
+                let one = run(1);
+                for threads in [2, 3] {
+                    assert_eq!(run(threads), one, "{isa:?} {dt:?} n {n} threads {threads}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn axpy_rows_matches_scalar_and_is_batch_invariant() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for dt in DTS {
+        for (rows, cols, extra) in shapes(dt) {
+            for pad in [0, 1] {
+                let m = Mat::new(&mut rng, dt, rows, cols, extra, pad);
+                let w = m.mat();
+                for n in [1, 2, 5] {
+                    let a = rand_vec(&mut rng, n * rows);
+                    let y0 = rand_vec(&mut rng, n * cols);
+                    let mut want = y0.clone();
+                    axpy_rows_with(Isa::Scalar, &a, w, &mut want);
+                    for isa in Isa::all_supported() {
+                        let mut got = y0.clone();
+                        axpy_rows_with(isa, &a, w, &mut got);
+                        let wrows: Vec<Vec<f64>> = (0..rows).map(|j| row_f64(&w, j)).collect();
+                        for t in 0..n {
+                            for c in 0..cols {
+                                let scale: f64 = (0..rows)
+                                    .map(|j| (a[t * rows + j] as f64 * wrows[j][c]).abs())
+                                    .sum::<f64>()
+                                    + (y0[t * cols + c] as f64).abs();
+                                let (g, e) = (got[t * cols + c] as f64, want[t * cols + c] as f64);
+                                assert!(
+                                    (g - e).abs() <= AXPY_REL_TOL * scale + 1e-30,
+                                    "{isa:?} {dt:?} {rows}x{cols}+{extra} pad {pad} n {n} t {t} c {c}: {g} vs {e}"
+                                );
+                            }
+                            // Batch invariance: token t alone gives the same bits.
+                            let mut alone = y0[t * cols..(t + 1) * cols].to_vec();
+                            axpy_rows_with(isa, &a[t * rows..(t + 1) * rows], w, &mut alone);
+                            assert_eq!(alone, got[t * cols..(t + 1) * cols], "{isa:?} {dt:?} batch t {t}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An expert of `dt` as one row-column bundle and as three separate matrices.
+struct Expert {
+    bundle: Store,
+    parts: [Store; 3],
+    ffn: usize,
+    hidden: usize,
+}
+
+impl Expert {
+    fn new(rng: &mut ChaCha8Rng, dt: Dt, ffn: usize, hidden: usize) -> Expert {
+        let v: Vec<f32> = rand_vec(rng, 3 * ffn * hidden).into_iter().map(|a| a * 0.2).collect();
+        let part = |i: usize| -> Vec<f32> {
+            (0..ffn).flat_map(|j| v[(3 * j + i) * hidden..(3 * j + i + 1) * hidden].to_vec()).collect()
+        };
+        Expert {
+            bundle: Store::new(dt, &v, 0),
+            parts: [Store::new(dt, &part(0), 0), Store::new(dt, &part(1), 0), Store::new(dt, &part(2), 0)],
+            ffn,
+            hidden,
+        }
+    }
+    fn bundled(&self) -> ExpertRef<'_> {
+        ExpertRef::bundled(self.bundle.view(0), self.ffn, self.hidden).unwrap()
+    }
+    fn separate(&self) -> ExpertRef<'_> {
+        let m = |i: usize| MatRef::new(self.parts[i].view(0), self.ffn, self.hidden).unwrap();
+        ExpertRef::new(m(0), m(1), m(2)).unwrap()
+    }
+}
+
+fn run_expert(isa: Isa, x: &[f32], e: ExpertRef<'_>, fused: bool) -> Vec<f32> {
+    let n = x.len() / e.hidden();
+    let mut act = vec![f32::NAN; 2 * n * e.ffn() + 3];
+    let mut out = vec![f32::NAN; n * e.hidden()];
+    if fused {
+        expert_swiglu_with(isa, x, e, &mut act, &mut out);
+    } else {
+        expert_swiglu_unfused_with(isa, x, e, &mut act, &mut out);
+    }
+    out
+}
+
+#[test]
+fn expert_swiglu_invariants() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for dt in DTS {
+        for (ffn, hidden) in [(1, 32), (37, 64), (200, 96), (130, 256)] {
+            let ex = Expert::new(&mut rng, dt, ffn, hidden);
+            let n = 7;
+            let x = rand_vec(&mut rng, n * hidden);
+            let want = run_expert(Isa::Scalar, &x, ex.separate(), false);
+            for isa in Isa::all_supported() {
+                let fused = run_expert(isa, &x, ex.bundled(), true);
+                assert_eq!(
+                    fused,
+                    run_expert(isa, &x, ex.separate(), true),
+                    "{isa:?} {dt:?} bundled vs separate"
+                );
+                assert_eq!(
+                    fused,
+                    run_expert(isa, &x, ex.bundled(), false),
+                    "{isa:?} {dt:?} fused vs unfused"
+                );
+                for t in 0..n {
+                    let one = run_expert(isa, &x[t * hidden..(t + 1) * hidden], ex.bundled(), true);
+                    assert_eq!(one, fused[t * hidden..(t + 1) * hidden], "{isa:?} {dt:?} batch t {t}");
+                }
+                for threads in [1, 2, 3] {
+                    let got = pool(threads).install(|| run_expert(isa, &x, ex.bundled(), true));
+                    assert_eq!(got, fused, "{isa:?} {dt:?} threads {threads}");
+                }
+                // Against the scalar oracle: scale by Σ|act·w_down| + a margin for act errors.
+                let mut act = vec![0f32; 2 * n * ffn];
+                let mut tmp = vec![0f32; n * hidden];
+                expert_swiglu_unfused_with(Isa::Scalar, &x, ex.separate(), &mut act, &mut tmp);
+                let down = ex.separate().down_t;
+                for t in 0..n {
+                    for c in 0..hidden {
+                        let scale: f64 = (0..ffn)
+                            .map(|j| (act[t * ffn + j] as f64 * row_f64(&down, j)[c]).abs())
+                            .sum::<f64>();
+                        let (g, e) = (fused[t * hidden + c] as f64, want[t * hidden + c] as f64);
+                        assert!(
+                            (g - e).abs() <= EXPERT_REL_TOL * scale + 1e-30,
+                            "{isa:?} {dt:?} {ffn}x{hidden} t {t} c {c}: {g} vs {e} (scale {scale})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn unsupported_isa_is_refused() {
+    for isa in [Isa::Avx2, Isa::Avx512] {
+        if !isa.is_supported() {
+            let w = [0f32; 4];
+            let m = MatRef::new(WeightsRef::F32(&w), 2, 2).unwrap();
+            let r = std::panic::catch_unwind(|| {
+                let mut y = [0f32; 2];
+                matmul_with(isa, &[1.0, 2.0], m, &mut y);
+            });
+            assert!(r.is_err(), "{isa:?} must panic, not run");
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Decode and prefill throughput against the roofline, measured in one run.
+//!
+//! In memory: `bench-decode --model /tmp/mixtral-bench --weights bf16 --threads 2` compares
+//! decode tokens/s with (bytes read per token / memory bandwidth measured by the same run).
+//!
+//! Offloaded: `bench-decode --model /tmp/mixtral-bench --offload disk --store STORE
+//! --expert-cache-frac 0.25` also runs the same prompt with experts read from the store
+//! through the cache, and compares decode tokens/s with the ceiling
+//! `1 / (bytes missed per token / disk bandwidth + in-memory time per token)`, where the
+//! disk bandwidth is measured on the store file with O_DIRECT by the same run.
+//!
+//! Make the model with `make-model --preset mixtral-bench --out /tmp/mixtral-bench` and the
+//! store with `repack --model /tmp/mixtral-bench --out STORE`. Prints a summary on stderr
+//! and one JSON line on stdout.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use hetmoe::{CacheConfig, Engine, EngineOptions, LogitsMode, PolicyKind, WeightFormat};
+use rand::{Rng, SeedableRng};
+
+#[derive(Parser, Debug)]
+#[command(about = "Measure prefill and decode throughput against the roofline")]
+struct Args {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value = "bf16")]
+    weights: WeightFormat,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 64)]
+    gen_len: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Bytes streamed by the memory-bandwidth probe.
+    #[arg(long, default_value_t = 1 << 30)]
+    probe_bytes: usize,
+    /// `ram` (default) or `disk` (also run with experts from `--store`).
+    #[arg(long, default_value = "ram")]
+    offload: String,
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Cache budget as a fraction of all experts' bytes.
+    #[arg(long, default_value_t = 0.25)]
+    expert_cache_frac: f64,
+    #[arg(long, default_value = "score")]
+    cache_policy: PolicyKind,
+    #[arg(long, default_value_t = 0)]
+    window: usize,
+    #[arg(long, default_value_t = 2)]
+    loader_threads: usize,
+}
+
+struct Run {
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    decode_steps: usize,
+}
+
+/// Prefill `prompt`, then `gen_len - 1` greedy decode steps, timed separately. The expert
+/// cache metrics are reset after the prefill, so they cover decode alone.
+fn run(engine: &Engine, prompt: &[u32], gen_len: usize) -> Result<Run> {
+    let mut seq = engine.new_sequence();
+    let t0 = Instant::now();
+    let logits = engine.forward(&mut seq, prompt, LogitsMode::Last)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    engine.reset_expert_cache_metrics();
+    let argmax = |l: &[f32]| l.iter().enumerate().fold(0, |b, (i, &v)| if v > l[b] { i } else { b }) as u32;
+    let mut next = argmax(&logits);
+    let steps = gen_len.saturating_sub(1).max(1);
+    let t1 = Instant::now();
+    for _ in 0..steps {
+        let l = engine.forward(&mut seq, &[next], LogitsMode::Last)?;
+        next = argmax(&l);
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    Ok(Run {
+        prefill_tok_s: prompt.len() as f64 / prefill_s,
+        decode_tok_s: steps as f64 / decode_s,
+        decode_steps: steps,
+    })
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let options = EngineOptions { threads: Some(args.threads), weights: args.weights };
+    let engine = Engine::load(&args.model, options.clone())
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let spec = engine.spec().clone();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
+    let prompt: Vec<u32> = (0..args.prompt_len).map(|_| rng.gen_range(3..spec.vocab as u32)).collect();
+
+    // Warm up: page the weights in and grow the buffers.
+    run(&engine, &prompt[..8.min(prompt.len())], 2)?;
+    let probe = || hetmoe::cpu_kernels::bandwidth::measure_read_bandwidth(args.probe_bytes, args.threads);
+    let bw_before = probe();
+    let ram = run(&engine, &prompt, args.gen_len)?;
+    let bw_after = probe();
+    let mem_bw_gbs = bw_before.max(bw_after);
+    let bytes_per_token =
+        (0..ram.decode_steps).map(|i| engine.decode_bytes_per_token(args.prompt_len + i) as f64).sum::<f64>()
+            / ram.decode_steps as f64;
+    let roofline_tok_s = mem_bw_gbs * 1e9 / bytes_per_token;
+    let fraction = ram.decode_tok_s / roofline_tok_s;
+    eprintln!(
+        "{}: weights {}, {} threads | prefill {:.1} tok/s | decode {:.2} tok/s | {:.1} MB/token | \
+         bandwidth {:.2} GB/s (probes {:.2} / {:.2}) | roofline {:.2} tok/s | {:.1}% of roofline",
+        args.model.display(),
+        args.weights,
+        args.threads,
+        ram.prefill_tok_s,
+        ram.decode_tok_s,
+        bytes_per_token / 1e6,
+        mem_bw_gbs,
+        bw_before,
+        bw_after,
+        roofline_tok_s,
+        100.0 * fraction
+    );
+    let mut summary = serde_json::json!({
+        "model": args.model.display().to_string(),
+        "weights": args.weights.to_string(),
+        "threads": args.threads,
+        "prefill_tok_s": ram.prefill_tok_s,
+        "decode_tok_s": ram.decode_tok_s,
+        "bytes_per_token": bytes_per_token.round() as u64,
+        "mem_bw_gbs": mem_bw_gbs,
+        "roofline_fraction": fraction,
+    });
+
+    match args.offload.as_str() {
+        "ram" => {}
+        "disk" => {
+            drop(engine);
+            let store_path = args.store.as_ref().context("--offload disk needs --store")?;
+            let store = hetmoe::storage::ExpertStore::open(store_path)?;
+            let total = spec.moe.n_experts * spec.moe_layers().len();
+            let slots = ((total as f64 * args.expert_cache_frac).round() as usize).max(spec.moe.top_k);
+            let budget = (slots * store.buf_len()) as u64;
+            let disk = hetmoe::storage::expert_store::probe::direct_read(store_path, 8, 1 << 20, 1 << 30)?;
+            drop(store);
+            let cache = CacheConfig::new(budget, spec.moe.top_k)
+                .with_policy(args.cache_policy)
+                .with_window(args.window)
+                .with_loader_threads(args.loader_threads);
+            let off = Engine::load_with_store(&args.model, options, store_path, cache)?;
+            run(&off, &prompt[..8.min(prompt.len())], 2)?;
+            let r = run(&off, &prompt, args.gen_len)?;
+            let m = off.expert_cache_metrics().context("no cache metrics")?;
+            let missed_per_token = m.bytes_loaded as f64 / r.decode_steps as f64;
+            let disk_gbs = disk.gbs();
+            let ceiling_s = missed_per_token / (disk_gbs * 1e9) + 1.0 / ram.decode_tok_s;
+            let ceiling_tok_s = 1.0 / ceiling_s;
+            let off_fraction = r.decode_tok_s / ceiling_tok_s;
+            eprintln!(
+                "offloaded ({} of {} experts' slots, {} MB, policy {}, window {}): decode {:.2} tok/s | \
+                 hit rate {:.1}% | {:.1} MB missed/token | disk {:.2} GB/s (O_DIRECT probe), reads {:.2} GB/s | \
+                 stall {:.2} s | ceiling {:.2} tok/s | {:.1}% of ceiling",
+                slots,
+                total,
+                budget >> 20,
+                args.cache_policy,
+                args.window,
+                r.decode_tok_s,
+                100.0 * m.hit_rate(),
+                missed_per_token / 1e6,
+                disk_gbs,
+                m.read_gbs(),
+                m.stall_time.as_secs_f64(),
+                ceiling_tok_s,
+                100.0 * off_fraction
+            );
+            summary["offload"] = serde_json::json!({
+                "policy": args.cache_policy.to_string(),
+                "cache_slots": slots,
+                "cache_bytes": budget,
+                "decode_tok_s": r.decode_tok_s,
+                "hit_rate": m.hit_rate(),
+                "missed_bytes_per_token": missed_per_token.round() as u64,
+                "disk_probe_gbs": disk_gbs,
+                "disk_gbs": m.read_gbs(),
+                "stall_s": m.stall_time.as_secs_f64(),
+                "ceiling_tok_s": ceiling_tok_s,
+                "ceiling_fraction": off_fraction,
+            });
+        }
+        other => bail!("--offload {other}: expected ram or disk"),
+    }
+    println!("{summary}");
+    Ok(())
+}
