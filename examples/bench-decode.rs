@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use hetmoe::{CacheConfig, Engine, EngineOptions, LogitsMode, PolicyKind, WeightFormat};
+use hetmoe::{CacheConfig, Engine, EngineOptions, KvCacheDtype, LogitsMode, PolicyKind, WeightFormat};
 use rand::{Rng, SeedableRng};
 
 #[derive(Parser, Debug)]
@@ -37,6 +37,9 @@ struct Args {
     gen_len: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// KV cache element type: f32 (exact) or bf16 (half the bytes).
+    #[arg(long, default_value = "f32")]
+    kv_cache: KvCacheDtype,
     /// Bytes streamed by the memory-bandwidth probe.
     #[arg(long, default_value_t = 1 << 30)]
     probe_bytes: usize,
@@ -88,7 +91,8 @@ fn run(engine: &Engine, prompt: &[u32], gen_len: usize) -> Result<Run> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let options = EngineOptions { threads: Some(args.threads), weights: args.weights };
+    let options =
+        EngineOptions { threads: Some(args.threads), weights: args.weights, kv_cache: args.kv_cache };
     let engine = Engine::load(&args.model, options.clone())
         .with_context(|| format!("loading {}", args.model.display()))?;
     let spec = engine.spec().clone();

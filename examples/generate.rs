@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use hetmoe::{CacheConfig, Engine, EngineOptions, GenerateOptions, PolicyKind, Sampling, WeightFormat};
+use hetmoe::{
+    CacheConfig, Engine, EngineOptions, GenerateOptions, KvCacheDtype, PolicyKind, Sampling, WeightFormat,
+};
 
 #[derive(Parser, Debug)]
 #[command(about = "Generate text with a Mixture-of-Experts model (Hugging Face folder)")]
@@ -43,6 +45,9 @@ struct Args {
     /// Weights in memory: bf16 (as stored), q8 or q4 (quantized at load).
     #[arg(long, default_value = "bf16")]
     weights: WeightFormat,
+    /// KV cache element type: f32 (exact) or bf16 (half the bytes).
+    #[arg(long, default_value = "f32")]
+    kv_cache: KvCacheDtype,
     /// Do not stop at the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
@@ -84,7 +89,7 @@ fn main() -> Result<()> {
     let model = args.model.clone().unwrap_or_else(bundled_model);
 
     let t0 = Instant::now();
-    let options = EngineOptions { threads: args.threads, weights: args.weights };
+    let options = EngineOptions { threads: args.threads, weights: args.weights, kv_cache: args.kv_cache };
     let engine = match args.offload.as_str() {
         "ram" => Engine::load(&model, options),
         "disk" => {

@@ -343,3 +343,42 @@ fn variant_shapes_match_reference() {
         eprintln!("{name:?}: full logits max abs diff {d:e}");
     }
 }
+
+/// A bf16 KV cache rounds keys and values once: greedy choices of the float32 reference
+/// are kept (teacher-forced over the full sequence), batching still changes nothing.
+#[test]
+fn bf16_kv_cache_keeps_greedy_choices() {
+    use hetmoe::KvCacheDtype;
+    for arch in ARCHS {
+        let r = Reference::load(arch);
+        let opts = EngineOptions { kv_cache: KvCacheDtype::Bf16, ..Default::default() };
+        let e = Engine::load(fixture(arch).join("model"), opts).unwrap();
+        let ids = r.get("full_ids").ids();
+        let got = e.forward(&mut e.new_sequence(), &ids, LogitsMode::All).unwrap();
+        let want = &r.get("full_logits").f32;
+        let vocab = e.spec().vocab;
+        let argmax =
+            |row: &[f32]| row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
+        let n = ids.len();
+        let agree = (0..n)
+            .filter(|&p| {
+                argmax(&got[p * vocab..(p + 1) * vocab]) == argmax(&want[p * vocab..(p + 1) * vocab])
+            })
+            .count();
+        eprintln!(
+            "{arch} bf16 KV: top-1 agreement {agree}/{n}, max logit error {:.2e}",
+            max_abs_diff(&got, want)
+        );
+        assert!(agree * 20 >= n * 19, "{arch}: bf16 KV top-1 agreement {agree}/{n}");
+        let p = r.get("prompt_ids").ids();
+        let g = GenerateOptions {
+            max_new_tokens: 5,
+            stop_tokens: Some(vec![]),
+            keep_logits: true,
+            ..Default::default()
+        };
+        let batched = e.generate_batch(&[p.clone(), p[3..].to_vec()], &g).unwrap();
+        let alone = e.generate_batch(&[p[3..].to_vec()], &g).unwrap();
+        assert_eq!(batched[1].step_logits, alone[0].step_logits, "{arch}: bf16 KV batched vs alone");
+    }
+}

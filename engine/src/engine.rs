@@ -7,7 +7,7 @@ use hetmoe_storage::{open_model_dir, ModelSpec};
 use crate::error::{EngineError, EngineResult};
 use crate::experts::{ExpertAccess, Resident};
 use crate::forward::{self, BatchItem, ForwardObserver, LogitsMode, NoObserver};
-use crate::kv_cache::Sequence;
+use crate::kv_cache::{KvCacheDtype, Sequence};
 use crate::offload::{CachedExperts, ExpertLayout};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::{self, ModelWeights, WeightFormat};
@@ -20,6 +20,8 @@ pub struct EngineOptions {
     pub threads: Option<usize>,
     /// How matrices are held in memory (default: as stored).
     pub weights: WeightFormat,
+    /// Element type of the KV cache (default: f32, exact).
+    pub kv_cache: KvCacheDtype,
 }
 
 /// Spec and weights: everything the forward pass reads. Immutable once loaded.
@@ -44,6 +46,7 @@ pub struct Engine {
     tokenizer: Option<TextTokenizer>,
     pool: rayon::ThreadPool,
     dir: PathBuf,
+    kv_cache: KvCacheDtype,
 }
 
 impl Engine {
@@ -134,6 +137,7 @@ impl Engine {
             tokenizer,
             pool,
             dir: dir.to_path_buf(),
+            kv_cache: options.kv_cache,
         })
     }
 
@@ -165,7 +169,7 @@ impl Engine {
 
     /// An empty sequence (KV cache) for this model.
     pub fn new_sequence(&self) -> Sequence {
-        Sequence::new(&self.model.spec)
+        Sequence::new(&self.model.spec, self.kv_cache)
     }
 
     /// Feeds `tokens` to `seq` and returns logits (`[n, vocab]`, see [`LogitsMode`]).
@@ -213,7 +217,7 @@ impl Engine {
     /// memory bandwidth.
     pub fn decode_bytes_per_token(&self, context: usize) -> u64 {
         let expert_bytes = self.model.experts.expert_bytes();
-        self.model.weights.decode_bytes(&self.model.spec, context, expert_bytes)
+        self.model.weights.decode_bytes(&self.model.spec, context, expert_bytes, self.kv_cache.size_bytes())
     }
 
     /// Metrics of the expert cache, when experts are offloaded.

@@ -31,7 +31,7 @@ pub use forward::{BatchItem, ForwardObserver, LogitsMode, Routing};
 pub use generate::{FinishReason, GenerateOptions, Generation};
 pub use hetmoe_offload::{CacheConfig, CacheMetrics, PolicyKind};
 pub use hetmoe_storage::{Architecture, ModelSpec};
-pub use kv_cache::Sequence;
+pub use kv_cache::{KvCacheDtype, Sequence};
 pub use offload::ExpertLayout;
 pub use sampling::Sampling;
 pub use tokenizer::TextTokenizer;

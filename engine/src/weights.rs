@@ -234,7 +234,13 @@ impl Mlp {
 impl ModelWeights {
     /// See [`crate::Engine::decode_bytes_per_token`].
     /// `expert_bytes` is used for experts that are not in memory.
-    pub(crate) fn decode_bytes(&self, spec: &ModelSpec, context: usize, expert_bytes: usize) -> u64 {
+    pub(crate) fn decode_bytes(
+        &self,
+        spec: &ModelSpec,
+        context: usize,
+        expert_bytes: usize,
+        kv_elem_bytes: usize,
+    ) -> u64 {
         let vec_bytes = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, |v| v.len() * 4);
         let mut total = self.final_norm.len() * 4 + self.lm_head().mat().size_bytes();
         total += self.embed.mat().size_bytes() / spec.vocab;
@@ -246,8 +252,8 @@ impl ModelWeights {
                 .iter()
                 .map(|v| vec_bytes(v))
                 .sum::<usize>();
-            // K and V of every cached position, f32.
-            total += 2 * spec.attention.kv_dim() * 4 * (context + 1);
+            // K and V of every cached position.
+            total += 2 * spec.attention.kv_dim() * kv_elem_bytes * (context + 1);
             total += match &l.ffn {
                 FfnWeights::Dense(m) => m.size_bytes(),
                 FfnWeights::Moe(m) => {

@@ -1,7 +1,8 @@
 //! Self-attention of one layer: projections (with optional bias), q/k RMSNorm, RoPE,
 //! append to each sequence's KV cache, causal GQA attention, output projection.
 
-use hetmoe_cpu_kernels::attention::{causal_attention, AttentionShape};
+use hetmoe_cpu_kernels::active_isa;
+use hetmoe_cpu_kernels::attention::{causal_attention_with, AttentionShape};
 use hetmoe_cpu_kernels::norm::rms_norm_inplace;
 use hetmoe_cpu_kernels::{matmul, rope};
 use hetmoe_storage::QkNorm;
@@ -89,13 +90,14 @@ pub(crate) fn forward(
         let m = item.tokens.len();
         let pos0 = item.seq.len();
         let cache = &mut item.seq.layers[layer];
-        cache.k.extend_from_slice(&k[t0 * kvd..(t0 + m) * kvd]);
-        cache.v.extend_from_slice(&v[t0 * kvd..(t0 + m) * kvd]);
-        causal_attention(
+        cache.append(&k[t0 * kvd..(t0 + m) * kvd], &v[t0 * kvd..(t0 + m) * kvd]);
+        let (kc, vc) = cache.views();
+        causal_attention_with(
+            active_isa(),
             shape,
             &q[t0 * qd..(t0 + m) * qd],
-            &cache.k,
-            &cache.v,
+            kc,
+            vc,
             pos0,
             &mut ctx[t0 * qd..(t0 + m) * qd],
         );
