@@ -40,6 +40,10 @@ struct Args {
     /// KV cache element type: f32 (exact) or bf16 (half the bytes).
     #[arg(long, default_value = "f32")]
     kv_cache: KvCacheDtype,
+    /// With --offload disk: prefetch the experts the next layer will probably use
+    /// (skip-gate guess: the next layer's router on this layer's output).
+    #[arg(long)]
+    prefetch: bool,
     /// Bytes streamed by the memory-bandwidth probe.
     #[arg(long, default_value_t = 1 << 30)]
     probe_bytes: usize,
@@ -91,8 +95,12 @@ fn run(engine: &Engine, prompt: &[u32], gen_len: usize) -> Result<Run> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let options =
-        EngineOptions { threads: Some(args.threads), weights: args.weights, kv_cache: args.kv_cache };
+    let options = EngineOptions {
+        threads: Some(args.threads),
+        weights: args.weights,
+        kv_cache: args.kv_cache,
+        prefetch: args.prefetch,
+    };
     let engine = Engine::load(&args.model, options.clone())
         .with_context(|| format!("loading {}", args.model.display()))?;
     let spec = engine.spec().clone();

@@ -48,6 +48,10 @@ struct Args {
     /// KV cache element type: f32 (exact) or bf16 (half the bytes).
     #[arg(long, default_value = "f32")]
     kv_cache: KvCacheDtype,
+    /// With --offload disk: prefetch the experts the next layer will probably use
+    /// (skip-gate guess: the next layer's router on this layer's output).
+    #[arg(long)]
+    prefetch: bool,
     /// Do not stop at the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
@@ -89,7 +93,12 @@ fn main() -> Result<()> {
     let model = args.model.clone().unwrap_or_else(bundled_model);
 
     let t0 = Instant::now();
-    let options = EngineOptions { threads: args.threads, weights: args.weights, kv_cache: args.kv_cache };
+    let options = EngineOptions {
+        threads: args.threads,
+        weights: args.weights,
+        kv_cache: args.kv_cache,
+        prefetch: args.prefetch,
+    };
     let engine = match args.offload.as_str() {
         "ram" => Engine::load(&model, options),
         "disk" => {

@@ -22,6 +22,10 @@ pub struct EngineOptions {
     pub weights: WeightFormat,
     /// Element type of the KV cache (default: f32, exact).
     pub kv_cache: KvCacheDtype,
+    /// With offloaded experts, prefetch the experts layer l+1 will probably use (layer
+    /// l+1's router applied to layer l's output) while layer l+1's attention runs. Off by
+    /// default: a wrong guess costs disk bandwidth (see the notes in docs/design.md).
+    pub prefetch: bool,
 }
 
 /// Spec and weights: everything the forward pass reads. Immutable once loaded.
@@ -33,6 +37,8 @@ pub(crate) struct Model {
     pub inv_freq: Vec<f32>,
     /// Where routed experts' weights come from.
     pub experts: Box<dyn ExpertAccess>,
+    /// Guess layer l+1's experts after layer l and prefetch them (offloaded experts only).
+    pub prefetch_next_layer: bool,
 }
 
 /// A loaded model, ready to run sequences.
@@ -133,7 +139,7 @@ impl Engine {
             "model loaded"
         );
         Ok(Engine {
-            model: Model { spec, weights, inv_freq, experts },
+            model: Model { spec, weights, inv_freq, experts, prefetch_next_layer: options.prefetch },
             tokenizer,
             pool,
             dir: dir.to_path_buf(),

@@ -50,6 +50,14 @@ pub(crate) trait ExpertAccess: Send + Sync + Debug {
 
     /// Zeroes the cache metrics (e.g. between prefill and decode).
     fn reset_metrics(&self) {}
+
+    /// Whether [`ExpertAccess::prefetch`] does anything (worth computing a guess for).
+    fn wants_prefetch(&self) -> bool {
+        false
+    }
+
+    /// Starts loading experts that layer `layer` will probably need; never blocks.
+    fn prefetch(&self, _layer: usize, _experts: &[usize]) {}
 }
 
 /// Every expert in memory (memory-mapped or quantized at load).

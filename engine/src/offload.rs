@@ -68,6 +68,15 @@ impl<S: ExpertSource + ExpertLayout> ExpertAccess for CachedExperts<S> {
     fn reset_metrics(&self) {
         self.cache.reset_metrics()
     }
+
+    fn wants_prefetch(&self) -> bool {
+        true
+    }
+
+    fn prefetch(&self, layer: usize, experts: &[usize]) {
+        let keys: Vec<ExpertKey> = experts.iter().map(|&e| ExpertKey::new(layer, e)).collect();
+        self.cache.prefetch(&keys);
+    }
 }
 
 impl ExpertLayout for hetmoe_offload::StoreSource {

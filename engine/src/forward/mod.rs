@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod mlp;
 pub mod moe;
+mod prefetch;
 
 use hetmoe_cpu_kernels::{matmul, norm::rms_norm};
 
@@ -100,6 +101,9 @@ pub(crate) fn forward(
         }
         add_into(x, y);
         obs.hidden_state(l + 1, x);
+        if model.prefetch_next_layer && model.experts.wants_prefetch() {
+            prefetch::next_layer(model, l, x, xn, &mut moe_sc.probs);
+        }
     }
     for item in items.iter_mut() {
         item.seq.tokens.extend_from_slice(item.tokens);
