@@ -61,12 +61,6 @@ fn quantized_weights_stay_close_to_bf16() {
         .map(|g| [g.prompt_ids, g.generated_ids].concat())
         .collect();
     let vocab = base.spec().vocab;
-    let argmaxes = |logits: &[f32]| -> Vec<usize> {
-        logits
-            .chunks_exact(vocab)
-            .map(|r| r.iter().enumerate().fold(0, |b, (i, &v)| if v > r[b] { i } else { b }))
-            .collect()
-    };
     let reference: Vec<Vec<f32>> =
         texts.iter().map(|t| base.forward(&mut base.new_sequence(), t, LogitsMode::All).unwrap()).collect();
     for (format, min_agree) in [(WeightFormat::Q8, 0.97), (WeightFormat::Q4, 0.85)] {
@@ -76,9 +70,8 @@ fn quantized_weights_stay_close_to_bf16() {
         let (mut agree, mut total, mut max_err, mut sum_err) = (0, 0, 0f32, 0f64);
         for (t, want) in texts.iter().zip(&reference) {
             let got = q.forward(&mut q.new_sequence(), t, LogitsMode::All).unwrap();
-            let (a, b) = (argmaxes(want), argmaxes(&got));
-            agree += a.iter().zip(&b).filter(|(x, y)| x == y).count();
-            total += a.len();
+            agree += common::top1_agreement(&got, want, vocab);
+            total += want.len() / vocab;
             max_err = max_err.max(common::max_abs_diff(want, &got));
             sum_err += want.iter().zip(&got).map(|(x, y)| (x - y).abs() as f64).sum::<f64>();
         }

@@ -272,15 +272,8 @@ fn q8_weights_keep_fixture_greedy_choices() {
         let ids = r.get("full_ids").ids();
         let got = e.forward(&mut e.new_sequence(), &ids, LogitsMode::All).unwrap();
         let want = &r.get("full_logits").f32;
-        let vocab = e.spec().vocab;
-        let argmax =
-            |row: &[f32]| row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
         let n = ids.len();
-        let agree = (0..n)
-            .filter(|&p| {
-                argmax(&got[p * vocab..(p + 1) * vocab]) == argmax(&want[p * vocab..(p + 1) * vocab])
-            })
-            .count();
+        let agree = top1_agreement(&got, want, e.spec().vocab);
         let d = max_abs_diff(&got, want);
         eprintln!("{arch} q8: top-1 agreement {agree}/{n}, max logit error {d:.4}");
         assert!(agree * 10 >= n * 9, "{arch}: q8 top-1 agreement {agree}/{n}");
@@ -356,15 +349,8 @@ fn bf16_kv_cache_keeps_greedy_choices() {
         let ids = r.get("full_ids").ids();
         let got = e.forward(&mut e.new_sequence(), &ids, LogitsMode::All).unwrap();
         let want = &r.get("full_logits").f32;
-        let vocab = e.spec().vocab;
-        let argmax =
-            |row: &[f32]| row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
         let n = ids.len();
-        let agree = (0..n)
-            .filter(|&p| {
-                argmax(&got[p * vocab..(p + 1) * vocab]) == argmax(&want[p * vocab..(p + 1) * vocab])
-            })
-            .count();
+        let agree = top1_agreement(&got, want, e.spec().vocab);
         eprintln!(
             "{arch} bf16 KV: top-1 agreement {agree}/{n}, max logit error {:.2e}",
             max_abs_diff(&got, want)

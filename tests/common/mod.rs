@@ -88,3 +88,10 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
     assert!(d <= tol, "{what}: max abs diff {d:e} > {tol:e}");
     d
 }
+
+/// Positions (rows of `[n, vocab]` logits) where both sides pick the same top-1 token
+/// (lowest id on ties, as `torch.argmax`).
+pub fn top1_agreement(got: &[f32], want: &[f32], vocab: usize) -> usize {
+    let argmax = |row: &[f32]| row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
+    got.chunks_exact(vocab).zip(want.chunks_exact(vocab)).filter(|(g, w)| argmax(g) == argmax(w)).count()
+}
