@@ -29,6 +29,9 @@ pub(crate) struct MoeScratch {
     /// Slot indices grouped by expert (counting sort), and each expert's start in it.
     pub order: Vec<usize>,
     pub offsets: Vec<usize>,
+    /// Fill cursors of the counting sort, and the experts used by the step.
+    pub fill: Vec<usize>,
+    pub active: Vec<usize>,
     pub xe: Vec<f32>,
     pub ye: Vec<f32>,
     pub act: Vec<f32>,

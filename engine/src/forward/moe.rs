@@ -80,7 +80,7 @@ pub(crate) fn forward(
 ) -> EngineResult<()> {
     let h = spec.hidden;
     route(spec, moe, x, &mut sc.probs, &mut sc.routing);
-    let MoeScratch { routing, probs, slots, order, offsets, xe, ye, act, shared_y, gate } = sc;
+    let MoeScratch { routing, probs, slots, order, offsets, fill, active, xe, ye, act, shared_y, gate } = sc;
     let (n, k, n_experts) = (routing.n_tokens, routing.top_k, routing.n_experts);
 
     // Group (token, rank) slots by expert: counting sort over expert ids.
@@ -94,7 +94,8 @@ pub(crate) fn forward(
     }
     order.clear();
     order.resize(n * k, 0);
-    let mut fill = offsets.clone();
+    fill.clear();
+    fill.extend_from_slice(offsets);
     for (slot, &e) in routing.expert_ids.iter().enumerate() {
         order[fill[e]] = slot;
         fill[e] += 1;
@@ -103,8 +104,9 @@ pub(crate) fn forward(
     // Each (token, rank) slot gets its weighted expert output; slots are summed in rank
     // order below, so the result is independent of the order experts run in.
     let slots = zeroed(slots, n * k * h); // [n, k, hidden]
-    let active: Vec<usize> = (0..n_experts).filter(|&e| offsets[e + 1] > offsets[e]).collect();
-    let request = ExpertRequest { layer, n_tokens: n, router_probs: probs, experts: &active };
+    active.clear();
+    active.extend((0..n_experts).filter(|&e| offsets[e + 1] > offsets[e]));
+    let request = ExpertRequest { layer, n_tokens: n, router_probs: probs, experts: active };
     access.with_experts(&request, &moe.experts, &mut |e, weights| {
         let slots_of_e = &order[offsets[e]..offsets[e + 1]];
         let m = slots_of_e.len();
