@@ -177,14 +177,7 @@ mod x86 {
 
     use half::bf16;
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-        _mm_cvtss_f32(s)
-    }
+    use crate::matmul::avx2_hsum as hsum;
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]

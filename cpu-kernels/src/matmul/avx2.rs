@@ -40,9 +40,10 @@ const Q8_BYTES: usize = 2 + QK;
 const Q4_BYTES: usize = 2 + QK / 2;
 
 /// Horizontal sum in a fixed order: (lo128 + hi128), then pairs, then the last two.
+/// Shared with the AVX2 attention kernel.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn hsum(v: __m256) -> f32 {
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
