@@ -9,7 +9,6 @@
 //! (8 lanes, fixed horizontal sum); the scalar path is the oracle.
 
 use half::bf16;
-use rayon::prelude::*;
 
 use crate::dispatch::{active_isa, Isa};
 use crate::softmax::softmax_inplace;
@@ -99,7 +98,54 @@ pub fn causal_attention_with(
     assert_eq!(out.len(), q.len());
     let simd = matches!(isa, Isa::Avx2 | Isa::Avx512);
     let group = s.n_heads / s.n_kv_heads;
-    out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    crate::parallel::for_each(n_q * s.n_heads, |idx| {
+        // SAFETY: `out` has n_q · n_heads rows of hd (asserted) and is exclusively
+        // borrowed for the loop; each idx runs once, so rows are written by one item.
+        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(idx * hd), hd) };
+        SCORES.with(|scores| {
+            let scores = &mut *scores.borrow_mut();
+            head(simd, s, q, k, v, q_stride, kv_stride, hd, group, pos0, idx, scores, o)
+        });
+    });
+}
+
+/// Output pointer shared by the items of the loop in [`causal_attention_with`].
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: items write disjoint rows (see causal_attention_with).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+thread_local! {
+    /// Per-thread score row (grows to the longest context seen; never shrinks).
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One query position and head: scores over the visible keys, softmax, weighted values.
+#[allow(clippy::too_many_arguments)]
+fn head(
+    simd: bool,
+    s: AttentionShape,
+    q: &[f32],
+    k: KvRef<'_>,
+    v: KvRef<'_>,
+    q_stride: usize,
+    kv_stride: usize,
+    hd: usize,
+    group: usize,
+    pos0: usize,
+    idx: usize,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    {
         let (i, h) = (idx / s.n_heads, idx % s.n_heads);
         let p = pos0 + i;
         let lo = s.window.map_or(0, |w| (p + 1).saturating_sub(w));
@@ -115,7 +161,7 @@ pub fn causal_attention_with(
         for (j, &pj) in (lo..=p).zip(scores.iter()) {
             axpy(simd, pj, v, j * kv_stride + off, o);
         }
-    });
+    }
 }
 
 /// `Σ q[c] · kv[at + c]`.

@@ -46,7 +46,9 @@ pub fn parallel_read_sum(buf: &[f32]) -> f32 {
 /// the best of several passes, after one untimed pass that faults the pages in.
 pub fn measure_read_bandwidth(bytes: usize, threads: usize) -> f64 {
     let n = (bytes / 4).max(1024);
-    let buf: Vec<f32> = vec![1.0; n];
+    // On huge pages, like the engine's weights: the roofline is the best the machine reads.
+    let mut buf = crate::memory::HugeBuf::<f32>::zeroed(n);
+    buf.fill(1.0);
     let pool = match rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build() {
         Ok(p) => p,
         Err(_) => return f64::NAN,

@@ -1,6 +1,7 @@
 //! CPU kernels for hetmoe: functions over slices, one module per family
 //! (`matmul`, `moe`, `norm`, `rope`, `softmax`, `activation`, `topk`, `attention`), plus a
-//! memory-bandwidth probe (`bandwidth`) to compare them with.
+//! memory-bandwidth probe (`bandwidth`) to compare them with, and huge-page weight buffers
+//! (`memory`).
 //!
 //! The instruction set is detected once at run time ([`dispatch`]); per-ISA code lives in
 //! files named after the ISA, and the scalar code is always compiled and is the oracle the
@@ -17,8 +18,10 @@ pub mod bandwidth;
 pub mod dispatch;
 mod error;
 pub mod matmul;
+pub mod memory;
 pub mod moe;
 pub mod norm;
+pub mod parallel;
 pub mod quant;
 pub mod rope;
 pub mod softmax;

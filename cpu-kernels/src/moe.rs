@@ -65,11 +65,12 @@ impl<'a> ExpertRef<'a> {
 /// `out = down(silu(gate(x)) · up(x))` for `x`: `[n, hidden]`; `act`: scratch of at least
 /// `2 * n * ffn` floats; `out`: `[n, hidden]`, overwritten.
 ///
-/// Fused: gate and up rows are streamed once per neuron block for all `n` tokens (parallel
-/// over neuron blocks, SiLU·mul applied in the same task), then `downᵀ` once (parallel over
-/// fixed blocks of its rows, whose sums are added in block order; see
-/// [`crate::matmul::axpy_rows_with`]). Bit-identical to [`expert_swiglu_unfused_with`], whatever the thread
-/// count, the number of tokens or the layout ([`ExpertRef::bundled`] or separate matrices).
+/// Fused per block of 128 neurons: one task computes the block's gate and up rows for all
+/// `n` tokens, applies SiLU·mul, and adds the block's rows of `downᵀ` into its own block sum
+/// (no barrier between the projections; each task reads its part of the expert once). The
+/// block sums are added in block order (see [`crate::matmul::axpy_rows_with`]), so the
+/// result is bit-identical to [`expert_swiglu_unfused_with`], whatever the thread count,
+/// the number of tokens or the layout ([`ExpertRef::bundled`] or separate matrices).
 pub fn expert_swiglu(x: &[f32], e: ExpertRef<'_>, act: &mut [f32], out: &mut [f32]) {
     expert_swiglu_with(active_isa(), x, e, act, out)
 }
@@ -91,9 +92,7 @@ fn tokens(x: &[f32], e: &ExpertRef<'_>, out: &[f32]) -> usize {
 pub fn expert_swiglu_with(isa: Isa, x: &[f32], e: ExpertRef<'_>, act: &mut [f32], out: &mut [f32]) {
     let n = tokens(x, &e, out);
     let (g, u) = split_act(act, n, e.ffn());
-    crate::matmul::gate_up_silu_with(isa, x, e.gate, e.up, g, u);
-    out.fill(0.0);
-    crate::matmul::axpy_rows_with(isa, g, e.down_t, out);
+    crate::matmul::swiglu_with(isa, x, e.gate, e.up, e.down_t, g, u, out);
 }
 
 /// The unfused composition (matmul gate, matmul up, silu·mul, axpy with `downᵀ`): the

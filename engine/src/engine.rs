@@ -1,7 +1,8 @@
-//! [`Engine`]: a loaded model, its tokenizer and its thread pool.
+//! [`Engine`]: a loaded model, its tokenizer and its compute threads.
 
 use std::path::{Path, PathBuf};
 
+use hetmoe_cpu_kernels::parallel::Team;
 use hetmoe_storage::{open_model_dir, ModelSpec};
 
 use crate::error::{EngineError, EngineResult};
@@ -45,11 +46,15 @@ pub(crate) struct Model {
 ///
 /// `Engine` is `Send + Sync`: weights are immutable after loading and all per-sequence
 /// state lives in [`Sequence`], so one engine can serve several threads (forward passes
-/// from different threads share its compute thread pool).
+/// from different threads share its compute threads: one drives the spinning team, the
+/// others run on the rayon pool of the same size).
 #[derive(Debug)]
 pub struct Engine {
     model: Model,
     tokenizer: Option<TextTokenizer>,
+    /// The compute threads of forward passes (see [`hetmoe_cpu_kernels::parallel`]).
+    team: Team,
+    /// Used by a forward pass that finds the team busy with another thread's.
     pool: rayon::ThreadPool,
     dir: PathBuf,
     kv_cache: KvCacheDtype,
@@ -131,6 +136,8 @@ impl Engine {
             .thread_name(|i| format!("hetmoe-compute-{i}"))
             .build()
             .map_err(|e| EngineError::ThreadPool(e.to_string()))?;
+        let team =
+            Team::new(pool.current_num_threads()).map_err(|e| EngineError::ThreadPool(e.to_string()))?;
         let inv_freq = hetmoe_cpu_kernels::rope::inv_freq(spec.rope.theta, spec.rope.rotary_dim);
         tracing::info!(
             arch = spec.arch.model_type(),
@@ -141,6 +148,7 @@ impl Engine {
         Ok(Engine {
             model: Model { spec, weights, inv_freq, experts, prefetch_next_layer: options.prefetch },
             tokenizer,
+            team,
             pool,
             dir: dir.to_path_buf(),
             kv_cache: options.kv_cache,
@@ -204,7 +212,8 @@ impl Engine {
         }
         // The batch borrows the first sequence's scratch buffers for the step.
         let mut scratch = items.first_mut().map(|i| std::mem::take(&mut i.seq.scratch)).unwrap_or_default();
-        let result = self.pool.install(|| forward::forward(&self.model, items, mode, observer, &mut scratch));
+        let step = || forward::forward(&self.model, items, mode, observer, &mut scratch);
+        let result = self.team.try_install(step).unwrap_or_else(|step| self.pool.install(step));
         if let Some(first) = items.first_mut() {
             first.seq.scratch = scratch;
         }

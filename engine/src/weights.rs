@@ -1,9 +1,13 @@
 //! The model's weights as kernel-ready views, built once at load from the checkpoint.
 //!
-//! Matrices stay zero-copy in the memory map when their bytes are aligned for their dtype
-//! (the usual case); small vectors (norms, biases) are converted to f32.
+//! Matrices are copied out of the checkpoint's memory map into buffers on transparent huge
+//! pages ([`hetmoe_cpu_kernels::memory`]): streaming them is measurably faster than from the
+//! page cache's 4 KiB pages. `HETMOE_MMAP_WEIGHTS=1` keeps aligned bf16/f16/f32 matrices
+//! zero-copy in the map instead (half the resident memory while the file is cached, slower
+//! decode). Small vectors (norms, biases) are converted to f32.
 
 use half::{bf16, f16};
+use hetmoe_cpu_kernels::memory::{HugeBuf, ZeroValid};
 use hetmoe_cpu_kernels::moe::ExpertRef;
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
 use hetmoe_cpu_kernels::{MatRef, WeightsRef};
@@ -23,12 +27,13 @@ pub(crate) struct Linear {
 enum Store {
     /// Aligned bytes in the checkpoint's memory map.
     Mapped(Tensor),
-    /// A copy made because the mapped bytes were not aligned for the dtype.
-    F32(Vec<f32>),
-    Bf16(Vec<bf16>),
-    F16(Vec<f16>),
-    Q8(Vec<BlockQ8>),
-    Q4(Vec<BlockQ4>),
+    /// Owned copies (on huge pages when large): copied out of the map, transposed or
+    /// quantized at load.
+    F32(HugeBuf<f32>),
+    Bf16(HugeBuf<bf16>),
+    F16(HugeBuf<f16>),
+    Q8(HugeBuf<BlockQ8>),
+    Q4(HugeBuf<BlockQ4>),
 }
 
 /// How matrices are held in memory.
@@ -66,16 +71,18 @@ impl std::str::FromStr for WeightFormat {
 }
 
 impl Linear {
-    fn from_tensor(t: Tensor, rows: usize, cols: usize) -> Self {
+    /// Large matrices are copied onto huge pages when `copy` (see
+    /// [`hetmoe_cpu_kernels::memory`]); misaligned ones are always copied.
+    fn from_tensor(t: Tensor, rows: usize, cols: usize, copy: bool) -> Self {
         let aligned = t.bytes().as_ptr().align_offset(t.dtype.size_bytes()) == 0;
-        let store = if aligned {
+        let store = if aligned && !copy {
             Store::Mapped(t)
         } else {
             let b = t.bytes();
             match t.dtype {
-                DType::F32 => Store::F32(bytemuck::pod_collect_to_vec(b)),
-                DType::BF16 => Store::Bf16(bytemuck::pod_collect_to_vec(b)),
-                DType::F16 => Store::F16(bytemuck::pod_collect_to_vec(b)),
+                DType::F32 => Store::F32(copy_to_huge(b)),
+                DType::BF16 => Store::Bf16(copy_to_huge(b)),
+                DType::F16 => Store::F16(copy_to_huge(b)),
             }
         };
         Linear { store, rows, cols }
@@ -93,11 +100,11 @@ impl Linear {
                     DType::F16 => WeightsRef::F16(bytemuck::cast_slice(b)),
                 }
             }
-            Store::F32(v) => WeightsRef::F32(v),
-            Store::Bf16(v) => WeightsRef::Bf16(v),
-            Store::F16(v) => WeightsRef::F16(v),
-            Store::Q8(v) => WeightsRef::Q8(v),
-            Store::Q4(v) => WeightsRef::Q4(v),
+            Store::F32(v) => WeightsRef::F32(&v[..]),
+            Store::Bf16(v) => WeightsRef::Bf16(&v[..]),
+            Store::F16(v) => WeightsRef::F16(&v[..]),
+            Store::Q8(v) => WeightsRef::Q8(&v[..]),
+            Store::Q4(v) => WeightsRef::Q4(&v[..]),
         };
         MatRef::new(data, self.rows, self.cols).expect("shape checked at load")
     }
@@ -127,7 +134,7 @@ impl Linear {
         let mut row = vec![0f32; self.cols];
         let store = match format {
             WeightFormat::Q8 => {
-                let mut blocks = vec![BlockQ8 { d: f16::ZERO, qs: [0; QK] }; self.rows * nb];
+                let mut blocks = HugeBuf::<BlockQ8>::zeroed(self.rows * nb);
                 for (r, b) in blocks.chunks_exact_mut(nb).enumerate() {
                     m.row_to_f32(r, &mut row);
                     quantize_q8(&row, b);
@@ -135,7 +142,7 @@ impl Linear {
                 Store::Q8(blocks)
             }
             _ => {
-                let mut blocks = vec![BlockQ4 { d: f16::ZERO, qs: [0; QK / 2] }; self.rows * nb];
+                let mut blocks = HugeBuf::<BlockQ4>::zeroed(self.rows * nb);
                 for (r, b) in blocks.chunks_exact_mut(nb).enumerate() {
                     m.row_to_f32(r, &mut row);
                     quantize_q4(&row, b);
@@ -147,10 +154,17 @@ impl Linear {
     }
 }
 
+/// The little-endian elements in `b` (any alignment) in a fresh buffer.
+fn copy_to_huge<T: ZeroValid + bytemuck::Pod>(b: &[u8]) -> HugeBuf<T> {
+    let mut out = HugeBuf::<T>::zeroed(b.len() / std::mem::size_of::<T>());
+    bytemuck::cast_slice_mut::<T, u8>(&mut out).copy_from_slice(b);
+    out
+}
+
 /// `[rows, cols]` → `[cols, rows]`, in tiles that stay in L1.
-fn transpose<T: Copy + Default>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
+fn transpose<T: ZeroValid>(src: &[T], rows: usize, cols: usize) -> HugeBuf<T> {
     const TILE: usize = 32;
-    let mut dst = vec![T::default(); rows * cols];
+    let mut dst = HugeBuf::zeroed(rows * cols);
     for i0 in (0..rows).step_by(TILE) {
         for j0 in (0..cols).step_by(TILE) {
             for i in i0..(i0 + TILE).min(rows) {
@@ -277,6 +291,8 @@ struct Loader<'a> {
     spec: &'a ModelSpec,
     ckpt: &'a Checkpoint,
     format: WeightFormat,
+    /// Copy matrices out of the memory map onto huge pages.
+    copy: bool,
 }
 
 impl Loader<'_> {
@@ -289,7 +305,7 @@ impl Loader<'_> {
     }
     /// A matrix kept exactly as stored (embeddings, routers, gates).
     fn linear(&self, key: WeightKey, rows: usize, cols: usize) -> EngineResult<Linear> {
-        Ok(Linear::from_tensor(self.tensor(key, &[rows, cols])?, rows, cols))
+        Ok(Linear::from_tensor(self.tensor(key, &[rows, cols])?, rows, cols, self.copy))
     }
     fn vector(&self, key: WeightKey, len: usize) -> EngineResult<Vec<f32>> {
         Ok(self.tensor(key, &[len])?.to_f32_vec())
@@ -313,7 +329,8 @@ pub(crate) fn load(
     with_experts: bool,
 ) -> EngineResult<ModelWeights> {
     use WeightKey::*;
-    let ld = Loader { spec, ckpt, format };
+    let copy = std::env::var_os("HETMOE_MMAP_WEIGHTS").is_none_or(|v| v == "0");
+    let ld = Loader { spec, ckpt, format, copy };
     let (h, v) = (spec.hidden, spec.vocab);
     let a = &spec.attention;
     let (qd, kvd) = (a.q_dim(), a.kv_dim());

@@ -10,7 +10,6 @@ mod avx512;
 mod scalar;
 
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 use crate::dispatch::{active_isa, Isa};
 use crate::quant::{BlockQ4, BlockQ8, QK};
@@ -183,7 +182,7 @@ fn rows_per_task(rows: usize, n_tokens: usize) -> usize {
     if n_tokens > 1 {
         return ROWS_PER_TASK;
     }
-    let threads = rayon::current_num_threads().max(1);
+    let threads = crate::parallel::current_threads();
     rows.div_ceil(4 * threads).next_multiple_of(16).clamp(ROWS_PER_TASK, MAX_ROWS_PER_TASK_DECODE)
 }
 /// Tokens whose outputs a task buffers at once (its weight block is re-read from cache for
@@ -230,7 +229,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: MatRef<'_>, y: &mut [f32]) {
     if n_blocks == 1 || rows * w.cols * n_tokens < MIN_PARALLEL_WORK {
         (0..n_blocks).for_each(block);
     } else {
-        (0..n_blocks).into_par_iter().for_each(block);
+        crate::parallel::for_each(n_blocks, block);
     }
 }
 
@@ -279,61 +278,81 @@ unsafe fn row_block(
     }
 }
 
-/// Rows of gate, then the same rows of up, computed in turn by [`gate_up_silu_with`].
+/// Rows of gate, then the same rows of up, computed in turn by [`swiglu_with`].
 const GATE_UP_RUN: usize = 16;
 
-/// Gate and up projections of a SwiGLU expert followed by `g ← silu(g) · u`, streaming the
-/// rows of gate and up once per neuron block for all tokens. Bit-identical to two
-/// [`matmul_with`] calls and [`crate::activation::silu_mul`].
-pub(crate) fn gate_up_silu_with(
+/// The whole SwiGLU expert `out = downᵀᵀ · (silu(gate · x) ⊙ (up · x))` for `n_tokens`
+/// tokens, fused per block of [`AXPY_ROWS_PER_TASK`] neurons: one task computes the gate
+/// and up rows of its block for every token, applies SiLU·mul, and adds its block's rows
+/// of `downᵀ` into its own block sum, so it reads its part of the expert once, start to
+/// end, with no barrier between the projections. Block sums are then added to `out` in
+/// block order: bit-identical to [`matmul_with`] (gate, up), `silu_mul` and
+/// [`axpy_rows_with`] in sequence. `g` and `u` (`[n_tokens, ffn]`) hold the activations
+/// afterwards (`g` after SiLU·mul).
+pub(crate) fn swiglu_with(
     isa: Isa,
     x: &[f32],
     gate: MatRef<'_>,
     up: MatRef<'_>,
+    down_t: MatRef<'_>,
     g: &mut [f32],
     u: &mut [f32],
+    out: &mut [f32],
 ) {
     assert!(gate.rows == up.rows && gate.cols == up.cols, "gate and up shapes differ");
-    if gate.rows == 0 {
+    assert!(down_t.rows == gate.rows && down_t.cols == gate.cols, "downᵀ shape differs from gate");
+    out.fill(0.0);
+    let (ffn, hidden) = (gate.rows, gate.cols);
+    if ffn == 0 || hidden == 0 {
         return;
     }
     let n_tokens = token_count(x, &gate, g);
-    assert_eq!(u.len(), g.len(), "u is not [n_tokens, rows]");
+    assert_eq!(u.len(), g.len(), "u is not [n_tokens, ffn]");
+    assert_eq!(out.len(), n_tokens * hidden, "out is not [n_tokens, hidden]");
     if n_tokens == 0 {
         return;
     }
-    let kernel = select(isa);
-    let rows = gate.rows;
-    let (gp, up_) = (SyncPtr(g.as_mut_ptr()), SyncPtr(u.as_mut_ptr()));
-    let rpt = rows_per_task(rows, n_tokens);
-    let n_blocks = rows.div_ceil(rpt);
-    let block = |b: usize| {
-        let r0 = b * rpt;
-        let r1 = (r0 + rpt).min(rows);
-        // SAFETY: g and u are [n_tokens, rows] (asserted), distinct, and row blocks are
-        // disjoint, so this task alone touches columns r0..r1 of each.
-        unsafe {
-            // Alternate gate and up in short runs of rows: in a row-column bundle, gate row j
-            // and up row j are neighbours, so this walks the bundle nearly sequentially.
-            let mut s0 = r0;
-            while s0 < r1 {
-                let s1 = (s0 + GATE_UP_RUN).min(r1);
-                row_block(kernel, x, n_tokens, gate, s0, s1, gp, rows);
-                row_block(kernel, x, n_tokens, up, s0, s1, up_, rows);
-                s0 = s1;
-            }
-            for t in 0..n_tokens {
-                let gs = std::slice::from_raw_parts_mut(gp.ptr().add(t * rows + r0), r1 - r0);
-                let us = std::slice::from_raw_parts(up_.ptr().add(t * rows + r0), r1 - r0);
-                crate::activation::silu_mul(gs, us);
-            }
-        }
+    let Some(axpy) = axpy_kernel(isa) else {
+        // The scalar oracle: unfused, one pass per row of downᵀ.
+        matmul_with(isa, x, gate, g);
+        matmul_with(isa, x, up, u);
+        crate::activation::silu_mul(g, u);
+        scalar::axpy_rows(g, n_tokens, down_t, out);
+        return;
     };
-    if n_blocks == 1 || rows * gate.cols * n_tokens < MIN_PARALLEL_WORK {
-        (0..n_blocks).for_each(block);
-    } else {
-        (0..n_blocks).into_par_iter().for_each(block);
-    }
+    let kernel = select(isa);
+    let (gp, up_) = (SyncPtr(g.as_mut_ptr()), SyncPtr(u.as_mut_ptr()));
+    let n_blocks = ffn.div_ceil(AXPY_ROWS_PER_TASK);
+    let part = n_tokens * hidden;
+    with_block_sums(n_blocks * part, |sums| {
+        let block = |b: usize, p: &mut [f32]| {
+            let j0 = b * AXPY_ROWS_PER_TASK;
+            let j1 = (j0 + AXPY_ROWS_PER_TASK).min(ffn);
+            // SAFETY: g and u are [n_tokens, ffn] (asserted), distinct, and blocks are
+            // disjoint, so this task alone writes and then reads columns j0..j1 of each.
+            unsafe {
+                // Alternate gate and up in short runs: in a row-column bundle gate row j and
+                // up row j are neighbours, so this walks the bundle nearly sequentially.
+                let mut s0 = j0;
+                while s0 < j1 {
+                    let s1 = (s0 + GATE_UP_RUN).min(j1);
+                    row_block(kernel, x, n_tokens, gate, s0, s1, gp, ffn);
+                    row_block(kernel, x, n_tokens, up, s0, s1, up_, ffn);
+                    s0 = s1;
+                }
+                for t in 0..n_tokens {
+                    let gs = std::slice::from_raw_parts_mut(gp.ptr().add(t * ffn + j0), j1 - j0);
+                    let us = std::slice::from_raw_parts(up_.ptr().add(t * ffn + j0), j1 - j0);
+                    crate::activation::silu_mul(gs, us);
+                }
+                let gb = std::slice::from_raw_parts(gp.ptr().add(j0), (n_tokens - 1) * ffn + (j1 - j0));
+                p.fill(0.0);
+                axpy(gb, ffn, n_tokens, down_t.row_range(j0, j1), p);
+            }
+        };
+        for_each_part(sums, part, 3 * ffn * hidden * n_tokens >= MIN_PARALLEL_WORK, block);
+        add_block_sums(sums, part, out);
+    });
 }
 
 /// Hints the cache line holding `p` into L2 (T1 measured slightly better than T0 here). Never faults: `p` need not point to
@@ -426,56 +445,79 @@ pub fn axpy_rows_with(isa: Isa, a: &[f32], w: MatRef<'_>, y: &mut [f32]) {
     if n_tokens == 0 || rows == 0 {
         return;
     }
-    let kernel: AxpyKernel = match isa {
-        Isa::Scalar => {
-            scalar::axpy_rows(a, n_tokens, w, y);
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::axpy_rows,
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::axpy_rows,
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => {
-            scalar::axpy_rows(a, n_tokens, w, y);
-            return;
-        }
+    let Some(kernel) = axpy_kernel(isa) else {
+        scalar::axpy_rows(a, n_tokens, w, y);
+        return;
     };
     let n_blocks = rows.div_ceil(AXPY_ROWS_PER_TASK);
     let part = n_tokens * cols;
-    let mut run = |scratch: &mut [f32]| {
-        let scratch = &mut scratch[..n_blocks * part];
-        let block = |(b, p): (usize, &mut [f32])| {
+    with_block_sums(n_blocks * part, |sums| {
+        let block = |b: usize, p: &mut [f32]| {
             let r0 = b * AXPY_ROWS_PER_TASK;
             let r1 = (r0 + AXPY_ROWS_PER_TASK).min(rows);
             p.fill(0.0);
             kernel(&a[r0..], rows, n_tokens, w.row_range(r0, r1), p);
         };
-        if n_blocks == 1 || rows * cols * n_tokens < MIN_PARALLEL_WORK {
-            scratch.chunks_mut(part).enumerate().for_each(block);
-        } else {
-            scratch.par_chunks_mut(part).enumerate().for_each(block);
+        for_each_part(sums, part, rows * cols * n_tokens >= MIN_PARALLEL_WORK, block);
+        add_block_sums(sums, part, y);
+    });
+}
+
+/// The SIMD `axpy` kernel of `isa`, or `None` for the scalar oracle (which sums row by row
+/// straight into `y`, without blocks).
+fn axpy_kernel(isa: Isa) -> Option<AxpyKernel> {
+    assert!(isa.is_supported(), "ISA {} is not supported by this CPU", isa.name());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => Some(avx2::axpy_rows),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => Some(avx512::axpy_rows),
+        _ => None,
+    }
+}
+
+/// `f(b, part b of sums)` for every part of `part` values, in parallel when `parallel`.
+fn for_each_part(sums: &mut [f32], part: usize, parallel: bool, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let n = sums.len() / part;
+    if !parallel {
+        sums.chunks_mut(part).enumerate().for_each(|(b, p)| f(b, p));
+        return;
+    }
+    let base = SyncPtr(sums.as_mut_ptr());
+    crate::parallel::for_each(n, |b| {
+        // SAFETY: parts b·part .. (b+1)·part are disjoint and inside `sums`, which is
+        // exclusively borrowed for the whole loop; each b runs once.
+        let p = unsafe { std::slice::from_raw_parts_mut(base.ptr().add(b * part), part) };
+        f(b, p)
+    });
+}
+
+/// `y += Σ_b sums[b]` over the blocks of `part` values, in block order.
+fn add_block_sums(sums: &[f32], part: usize, y: &mut [f32]) {
+    for p in sums.chunks(part) {
+        for (yv, &pv) in y.iter_mut().zip(p) {
+            *yv += pv;
         }
-        for p in scratch.chunks(part) {
-            for (yv, &pv) in y.iter_mut().zip(p) {
-                *yv += pv;
-            }
-        }
-    };
-    let need = n_blocks * part;
-    let reused = AXPY_SCRATCH.with(|s| match s.try_borrow_mut() {
-        Ok(mut buf) => {
+    }
+}
+
+/// Runs `f` on `need` floats of this thread's block-sum scratch (reused across calls;
+/// allocated on first use), or on a fresh buffer if the scratch is already in use.
+fn with_block_sums(need: usize, f: impl FnOnce(&mut [f32])) {
+    let mut f = Some(f);
+    AXPY_SCRATCH.with(|s| {
+        if let Ok(mut buf) = s.try_borrow_mut() {
             if buf.len() < need {
                 buf.resize(need, 0.0);
             }
-            run(&mut buf);
-            true
+            if let Some(f) = f.take() {
+                f(&mut buf[..need]);
+            }
         }
-        Err(_) => false,
     });
-    if !reused {
+    if let Some(f) = f {
         // Re-entered on this thread (a rayon task of an outer call): a fresh buffer.
-        run(&mut vec![0f32; need]);
+        f(&mut vec![0f32; need]);
     }
 }
 

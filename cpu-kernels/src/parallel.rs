@@ -1,0 +1,351 @@
+//! Fork-join for the kernels: [`for_each`] runs `f(0..n)` across the threads of the
+//! current [`Team`] (or of the current rayon pool when no team is installed).
+//!
+//! Why a team of its own: one decode step of a MoE model is ~60 short parallel loops
+//! (each matvec, each expert) separated by microseconds of serial work. Rayon's idle
+//! workers go to sleep after a few dozen yields, so nearly every loop paid a futex wake-up
+//! (tens of microseconds in a VM; measured ~50 context switches per token). A team's
+//! workers spin between loops for [`SPIN`] before parking, and the calling thread takes
+//! part in the work. Items are claimed from a shared counter; which thread runs an item
+//! never changes its result (kernels compute each output in one item).
+
+use std::cell::Cell;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+/// How long an idle worker spins before parking. Long enough to bridge the serial work
+/// between two loops of a forward pass, short enough not to steal a core for long from
+/// I/O threads once the pass is over.
+const SPIN: Duration = Duration::from_micros(300);
+
+thread_local! {
+    /// The team installed on this thread by [`Team::install`] (null when none).
+    static CURRENT: Cell<*const Shared> = const { Cell::new(std::ptr::null()) };
+    /// Set while this thread runs items of a loop: nested loops run serially.
+    static IN_LOOP: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Threads available to [`for_each`] on this thread: the installed team's size, else the
+/// current rayon pool's.
+pub fn current_threads() -> usize {
+    let team = CURRENT.with(Cell::get);
+    if team.is_null() {
+        rayon::current_num_threads().max(1)
+    } else {
+        // SAFETY: CURRENT is non-null only inside Team::install, which keeps the team alive.
+        unsafe { (*team).workers + 1 }
+    }
+}
+
+/// Runs `f(i)` for every `i` in `0..n`, in parallel, and returns when all have finished.
+/// Panics in `f` are propagated (after every item has stopped running).
+pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
+    if n == 0 {
+        return;
+    }
+    if n == 1 || IN_LOOP.with(Cell::get) {
+        (0..n).for_each(f);
+        return;
+    }
+    let team = CURRENT.with(Cell::get);
+    if team.is_null() {
+        (0..n).into_par_iter().for_each(&f);
+    } else {
+        // SAFETY: as in current_threads.
+        unsafe { (*team).run(n, &f) };
+    }
+}
+
+/// A fixed set of worker threads that [`for_each`] uses while [`Team::install`]ed.
+pub struct Team {
+    shared: Arc<Shared>,
+    handles: Vec<JoinHandle<()>>,
+    /// One caller drives the team at a time.
+    busy: Mutex<()>,
+}
+
+impl std::fmt::Debug for Team {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Team").field("threads", &self.threads()).finish()
+    }
+}
+
+/// The job of the current epoch: `f` erased to a raw pointer (valid until every worker has
+/// checked out of the epoch, which the caller waits for).
+#[derive(Clone, Copy)]
+struct Job {
+    f: *const (dyn Fn(usize) + Sync),
+    n: usize,
+}
+
+struct Shared {
+    workers: usize,
+    /// Bumped by the caller to publish a job; workers run each epoch exactly once.
+    epoch: AtomicU64,
+    job: Mutex<Option<Job>>,
+    /// Next item to claim.
+    next: AtomicUsize,
+    /// Workers that have not checked out of the current epoch.
+    pending: AtomicUsize,
+    stop: AtomicBool,
+    sleepers: AtomicUsize,
+    park: Mutex<()>,
+    wake: Condvar,
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+}
+
+// SAFETY: the raw job pointer is only dereferenced while the caller keeps `f` alive (it
+// waits for every worker to check out); everything else is atomics and mutexes.
+unsafe impl Send for Shared {}
+// SAFETY: as above; `f` is Sync, so calling it from several threads is allowed.
+unsafe impl Sync for Shared {}
+
+impl Team {
+    /// A team of `threads` threads in all: the caller of [`Team::install`] plus
+    /// `threads - 1` workers.
+    pub fn new(threads: usize) -> std::io::Result<Self> {
+        let workers = threads.max(1) - 1;
+        let shared = Arc::new(Shared {
+            workers,
+            epoch: AtomicU64::new(0),
+            job: Mutex::new(None),
+            next: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            park: Mutex::new(()),
+            wake: Condvar::new(),
+            panic: Mutex::new(None),
+        });
+        let mut handles = Vec::with_capacity(workers);
+        for i in 0..workers {
+            let s = Arc::clone(&shared);
+            let spawned =
+                std::thread::Builder::new().name(format!("hetmoe-compute-{}", i + 1)).spawn(move || s.work());
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    // Stop the workers already started; the team cannot be built.
+                    drop(Team { shared, handles, busy: Mutex::new(()) });
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Team { shared, handles, busy: Mutex::new(()) })
+    }
+
+    /// Threads in the team, the caller included.
+    pub fn threads(&self) -> usize {
+        self.shared.workers + 1
+    }
+
+    /// Runs `f` on this thread with the team installed: [`for_each`] calls inside it (on
+    /// this thread) use the team. If another thread is using the team, `f` runs without it
+    /// (on the current rayon pool) rather than waiting.
+    pub fn install<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.try_install(f).unwrap_or_else(|f| f())
+    }
+
+    /// [`Team::install`], or `Err(f)` (not run) if another thread is using the team.
+    pub fn try_install<R, F: FnOnce() -> R>(&self, f: F) -> Result<R, F> {
+        let Ok(_busy) = self.busy.try_lock() else { return Err(f) };
+        let prev = CURRENT.with(|c| c.replace(Arc::as_ptr(&self.shared)));
+        struct Restore(*const Shared);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CURRENT.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(prev);
+        Ok(f())
+    }
+}
+
+impl Drop for Team {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, SeqCst);
+        self.shared.epoch.fetch_add(1, SeqCst);
+        {
+            let _g = self.shared.park.lock().unwrap_or_else(|p| p.into_inner());
+            self.shared.wake.notify_all();
+        }
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Shared {
+    /// Claims and runs items until none are left.
+    fn claim(&self, job: Job) {
+        IN_LOOP.with(|c| c.set(true));
+        loop {
+            let i = self.next.fetch_add(1, Relaxed);
+            if i >= job.n {
+                break;
+            }
+            // SAFETY: the caller of `run` keeps `f` alive until every worker has checked
+            // out of this epoch, and this runs before the check-out.
+            unsafe { (*job.f)(i) };
+        }
+        IN_LOOP.with(|c| c.set(false));
+    }
+
+    /// The caller's side: publish, work, wait for every worker to check out.
+    fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        // SAFETY: only the lifetime is erased; `wait_all` below (also run on unwind, by the
+        // guard) keeps `f` borrowed until no worker can touch it.
+        let f: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
+        let job = Job { f, n };
+        *self.job.lock().unwrap_or_else(|p| p.into_inner()) = Some(job);
+        self.next.store(0, Relaxed);
+        self.pending.store(self.workers, SeqCst);
+        self.epoch.fetch_add(1, SeqCst);
+        if self.sleepers.load(SeqCst) > 0 {
+            let _g = self.park.lock().unwrap_or_else(|p| p.into_inner());
+            self.wake.notify_all();
+        }
+        struct WaitAll<'a>(&'a Shared);
+        impl Drop for WaitAll<'_> {
+            fn drop(&mut self) {
+                let mut spins = 0u32;
+                while self.0.pending.load(Acquire) != 0 {
+                    spins += 1;
+                    if spins < 1 << 16 {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+                IN_LOOP.with(|c| c.set(false));
+            }
+        }
+        let wait = WaitAll(self);
+        self.claim(job);
+        drop(wait);
+        if let Some(p) = self.panic.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            resume_unwind(p);
+        }
+    }
+
+    /// A worker's loop: wait for an epoch (spin, then park), run its items, check out.
+    fn work(&self) {
+        // Epoch 0 is the team's initial state: a job published before this thread started
+        // is epoch 1, which it must not skip.
+        let mut seen = 0;
+        loop {
+            let start = Instant::now();
+            let mut spins = 0u32;
+            while self.epoch.load(Acquire) == seen {
+                std::hint::spin_loop();
+                spins += 1;
+                if spins.is_multiple_of(256) && start.elapsed() > SPIN {
+                    let mut g = self.park.lock().unwrap_or_else(|p| p.into_inner());
+                    self.sleepers.fetch_add(1, SeqCst);
+                    while self.epoch.load(SeqCst) == seen {
+                        g = self.wake.wait(g).unwrap_or_else(|p| p.into_inner());
+                    }
+                    self.sleepers.fetch_sub(1, SeqCst);
+                }
+            }
+            seen = self.epoch.load(Acquire);
+            if self.stop.load(SeqCst) {
+                return;
+            }
+            let job = *self.job.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(job) = job {
+                if let Err(p) = catch_unwind(AssertUnwindSafe(|| self.claim(job))) {
+                    IN_LOOP.with(|c| c.set(false));
+                    self.panic.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(p);
+                }
+            }
+            self.pending.fetch_sub(1, Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_item_runs_once_with_and_without_a_team() {
+        for threads in [1, 2, 3] {
+            let team = Team::new(threads).unwrap();
+            assert_eq!(team.threads(), threads);
+            for n in [0usize, 1, 2, 7, 1000] {
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                team.install(|| {
+                    assert_eq!(current_threads(), threads);
+                    for_each(n, |i| {
+                        // Nested loops run serially inside an item.
+                        for_each(2, |_| {});
+                        hits[i].fetch_add(1, Relaxed);
+                    })
+                });
+                assert!(hits.iter().all(|h| h.load(Relaxed) == 1), "threads {threads} n {n}");
+            }
+        }
+        let hits = AtomicUsize::new(0);
+        for_each(100, |_| {
+            hits.fetch_add(1, Relaxed);
+        });
+        assert_eq!(hits.load(Relaxed), 100);
+    }
+
+    #[test]
+    fn a_panicking_item_reaches_the_caller_and_the_team_survives() {
+        let team = Team::new(2).unwrap();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            team.install(|| {
+                for_each(64, |i| {
+                    if i == 40 {
+                        panic!("item 40");
+                    }
+                })
+            })
+        }));
+        assert!(r.is_err());
+        let hits = AtomicUsize::new(0);
+        team.install(|| {
+            for_each(64, |_| {
+                hits.fetch_add(1, Relaxed);
+            })
+        });
+        assert_eq!(hits.load(Relaxed), 64);
+    }
+
+    #[test]
+    fn a_job_published_before_the_workers_start_is_not_missed() {
+        for _ in 0..200 {
+            let team = Team::new(3).unwrap();
+            let hits = AtomicUsize::new(0);
+            team.install(|| {
+                for_each(16, |_| {
+                    hits.fetch_add(1, Relaxed);
+                })
+            });
+            assert_eq!(hits.load(Relaxed), 16);
+        }
+    }
+
+    #[test]
+    fn workers_park_and_wake() {
+        let team = Team::new(2).unwrap();
+        for _ in 0..3 {
+            std::thread::sleep(SPIN * 4);
+            let hits = AtomicUsize::new(0);
+            team.install(|| {
+                for_each(8, |_| {
+                    hits.fetch_add(1, Relaxed);
+                })
+            });
+            assert_eq!(hits.load(Relaxed), 8);
+        }
+    }
+}
