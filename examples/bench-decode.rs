@@ -107,8 +107,10 @@ fn main() -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
     let prompt: Vec<u32> = (0..args.prompt_len).map(|_| rng.gen_range(3..spec.vocab as u32)).collect();
 
-    // Warm up: page the weights in and grow the buffers.
-    run(&engine, &prompt[..8.min(prompt.len())], 2)?;
+    // Warm up with the same prompt length (as llama-bench does): page the weights in and
+    // grow every buffer (scratch, block sums, KV cache) to its steady-state size, so the
+    // timed prefill measures compute rather than first-touch page faults.
+    run(&engine, &prompt, 2)?;
     let probe = || hetmoe::cpu_kernels::bandwidth::measure_read_bandwidth(args.probe_bytes, args.threads);
     let bw_before = probe();
     let ram = run(&engine, &prompt, args.gen_len)?;

@@ -74,47 +74,51 @@ fn main() {
         Some(e) => e.1 = e.1.max(g),
         None => best.push((k, g)),
     };
-    for r in 0..rounds {
-        let bw = rate(PROBE, || {
-            std::hint::black_box(parallel_read_sum(&probe));
-        });
-        let mut line = format!("round {r}: probe {bw:5.1} GB/s |");
-        note("probe".into(), bw);
-        for (name, set) in [("bf16", &vb), ("q8", &v8), ("q4", &v4)] {
-            let bytes: usize = set.iter().map(|m| m.size_bytes()).sum();
-            for n in [1usize, 8] {
-                if which.contains(&"mv".to_string()) && (n == 1 || name != "q4") {
-                    let g = rate(bytes, || {
-                        for m in set {
-                            matmul(&x[..n * H], *m, &mut y[..n * 3 * F]);
-                        }
-                    });
-                    line += &format!(" mv {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
-                    note(format!("mv {name} n{n}"), g);
-                }
-                if which.contains(&"ax".to_string()) && n == 1 {
-                    let g = rate(bytes, || {
-                        for m in set {
-                            axpy_rows(&y[..n * 3 * F], *m, &mut out[..n * H]);
-                        }
-                    });
-                    line += &format!(" ax {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
-                    note(format!("ax {name} n{n}"), g);
-                }
-                if which.contains(&"ex".to_string()) && n == 1 {
-                    let g = rate(bytes, || {
-                        for m in set {
-                            let e = ExpertRef::bundled(m.data(), F, H).unwrap();
-                            expert_swiglu(&x[..n * H], e, &mut act, &mut out[..n * H]);
-                        }
-                    });
-                    line += &format!(" ex {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
-                    note(format!("ex {name} n{n}"), g);
+    // The engine's compute threads: a spinning team of the rayon pool's size.
+    let team = hetmoe_cpu_kernels::parallel::Team::new(rayon::current_num_threads()).unwrap();
+    team.install(|| {
+        for r in 0..rounds {
+            let bw = rate(PROBE, || {
+                std::hint::black_box(parallel_read_sum(&probe));
+            });
+            let mut line = format!("round {r}: probe {bw:5.1} GB/s |");
+            note("probe".into(), bw);
+            for (name, set) in [("bf16", &vb), ("q8", &v8), ("q4", &v4)] {
+                let bytes: usize = set.iter().map(|m| m.size_bytes()).sum();
+                for n in [1usize, 8] {
+                    if which.contains(&"mv".to_string()) && (n == 1 || name != "q4") {
+                        let g = rate(bytes, || {
+                            for m in set {
+                                matmul(&x[..n * H], *m, &mut y[..n * 3 * F]);
+                            }
+                        });
+                        line += &format!(" mv {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
+                        note(format!("mv {name} n{n}"), g);
+                    }
+                    if which.contains(&"ax".to_string()) && n == 1 {
+                        let g = rate(bytes, || {
+                            for m in set {
+                                axpy_rows(&y[..n * 3 * F], *m, &mut out[..n * H]);
+                            }
+                        });
+                        line += &format!(" ax {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
+                        note(format!("ax {name} n{n}"), g);
+                    }
+                    if which.contains(&"ex".to_string()) && n == 1 {
+                        let g = rate(bytes, || {
+                            for m in set {
+                                let e = ExpertRef::bundled(m.data(), F, H).unwrap();
+                                expert_swiglu(&x[..n * H], e, &mut act, &mut out[..n * H]);
+                            }
+                        });
+                        line += &format!(" ex {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
+                        note(format!("ex {name} n{n}"), g);
+                    }
                 }
             }
+            println!("{line}");
         }
-        println!("{line}");
-    }
+    });
     let p = best[0].1;
     let mut line = format!("best of {rounds}: probe {p:5.1} GB/s |");
     for (k, g) in &best[1..] {

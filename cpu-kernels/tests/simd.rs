@@ -5,6 +5,7 @@
 use half::{bf16, f16};
 use hetmoe_cpu_kernels::matmul::{axpy_rows_with, dot_row, matmul_with, MatRef, WeightsRef};
 use hetmoe_cpu_kernels::moe::{expert_swiglu_unfused_with, expert_swiglu_with, ExpertRef};
+use hetmoe_cpu_kernels::parallel::Team;
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
 use hetmoe_cpu_kernels::Isa;
 use rand::{Rng, SeedableRng};
@@ -239,9 +240,20 @@ fn matmul_and_axpy_are_thread_count_invariant() {
                         (y, z)
                     })
                 };
+                // The same on the engine's spinning team.
+                let run_team = |threads: usize| {
+                    Team::new(threads).unwrap().install(|| {
+                        let mut y = vec![0f32; n * rows];
+                        matmul_with(isa, &x, w, &mut y);
+                        let mut z = vec![0.25f32; n * cols];
+                        axpy_rows_with(isa, &a, w, &mut z);
+                        (y, z)
+                    })
+                };
                 let one = run(1);
                 for threads in [2, 3] {
                     assert_eq!(run(threads), one, "{isa:?} {dt:?} n {n} threads {threads}");
+                    assert_eq!(run_team(threads), one, "{isa:?} {dt:?} n {n} team of {threads}");
                 }
             }
         }

@@ -430,6 +430,24 @@ unsafe fn axpy_impl<const K: u8, const QUANT: bool>(
             // SAFETY: row j + i < rows lies inside the data (MatRef invariant).
             wp[i] = unsafe { base.add((j + i) * row_bytes) };
         }
+        // Several tokens: convert or dequantize each chunk of the rows once for all of them
+        // (the one-token functions below then only finish a dense tail).
+        let c_done = if n_tokens == 1 {
+            c0
+        } else {
+            // SAFETY: as for the one-token calls below, for every token.
+            unsafe {
+                if QUANT {
+                    axpy_quant_tokens::<K>(a, a_stride, j, n_tokens, &wp[..nj], c0, c1, y, y_stride, pf, lut)
+                } else {
+                    axpy_dense_tokens::<K>(a, a_stride, j, n_tokens, &wp[..nj], c0, c1, y, y_stride, pf)
+                }
+            }
+        };
+        if c_done == c1 {
+            j += nj;
+            continue;
+        }
         for t in 0..n_tokens {
             let at = &a[t * a_stride + j..t * a_stride + j + nj];
             // SAFETY: y row t, columns c0..c1 (caller); rows j..j+nj (above).
@@ -437,9 +455,9 @@ unsafe fn axpy_impl<const K: u8, const QUANT: bool>(
             // SAFETY: as above.
             unsafe {
                 if QUANT {
-                    axpy_quant::<K>(at, &wp[..nj], c0, c1, yt, pf, lut)
+                    axpy_quant::<K>(at, &wp[..nj], c_done, c1, yt, pf, lut)
                 } else {
-                    axpy_dense::<K>(at, &wp[..nj], c0, c1, yt, pf)
+                    axpy_dense::<K>(at, &wp[..nj], c_done, c1, yt, pf)
                 }
             }
         }
@@ -525,4 +543,163 @@ unsafe fn axpy_quant<const Q: u8>(
             c += QK;
         }
     }
+}
+
+/// Columns per tile of the several-token `axpy`: the rows' weights for one tile, as f32, stay
+/// in L1 (`AXPY_ROWS` × this × 4 bytes) while every token's `y` row streams past them.
+const AXPY_TILE: usize = 256;
+
+/// Applies `w_tile` (`wp.len()` rows of `n` f32 at stride [`AXPY_TILE`], columns `c..c + n`,
+/// `n` a multiple of `LANES`) to every token: `y = fma(a_i, w_i, y)` for rows i in order.
+///
+/// # Safety
+/// `y` row t (at `t * y_stride`) holds columns `c..c + n`, exclusively ours; `a` holds
+/// `(n_tokens - 1) * a_stride + j + rows` values.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn apply_tile(
+    a: &[f32],
+    a_stride: usize,
+    j: usize,
+    rows: usize,
+    n_tokens: usize,
+    w_tile: &[f32; AXPY_ROWS * AXPY_TILE],
+    c: usize,
+    n: usize,
+    y: *mut f32,
+    y_stride: usize,
+) {
+    // Four tokens at a time: each tile vector is loaded once for four `y` rows.
+    const TG: usize = 4;
+    let mut t0 = 0;
+    while t0 < n_tokens {
+        let tg = TG.min(n_tokens - t0);
+        let mut av = [[0f32; AXPY_ROWS]; TG];
+        for (g, row) in av.iter_mut().enumerate().take(tg) {
+            let t = t0 + g;
+            row[..rows].copy_from_slice(&a[t * a_stride + j..t * a_stride + j + rows]);
+        }
+        // SAFETY: columns c..c + n of rows t0..t0 + tg (caller); tile reads stay below n
+        // per tile row.
+        unsafe {
+            let mut k = 0;
+            while k < n {
+                let mut wv = [_mm256_setzero_ps(); AXPY_ROWS];
+                for (i, w) in wv.iter_mut().enumerate().take(rows) {
+                    *w = _mm256_loadu_ps(w_tile.as_ptr().add(i * AXPY_TILE + k));
+                }
+                for (g, ag) in av.iter().enumerate().take(tg) {
+                    let yp = y.add((t0 + g) * y_stride + c + k);
+                    let mut yv = _mm256_loadu_ps(yp);
+                    for i in 0..rows {
+                        yv = _mm256_fmadd_ps(_mm256_set1_ps(ag[i]), wv[i], yv);
+                    }
+                    _mm256_storeu_ps(yp, yv);
+                }
+                k += LANES;
+            }
+        }
+        t0 += tg;
+    }
+}
+
+/// [`axpy_dense`] for `n_tokens` tokens (`a` row t at `t * a_stride`, rows `j..` of it; `y`
+/// row t at `t * y_stride`): each tile of the rows is converted to f32 once, then applied to
+/// every token with the same operations per output element (bit-identical). Returns where
+/// the full vectors end; the caller finishes the tail.
+///
+/// # Safety
+/// As [`axpy_dense`] for every token's `y` row; `a` as in [`apply_tile`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn axpy_dense_tokens<const DT: u8>(
+    a: &[f32],
+    a_stride: usize,
+    j: usize,
+    n_tokens: usize,
+    wp: &[*const u8],
+    c0: usize,
+    c1: usize,
+    y: *mut f32,
+    y_stride: usize,
+    pf: usize,
+) -> usize {
+    let mut tile = [0f32; AXPY_ROWS * AXPY_TILE];
+    let end = c0 + (c1 - c0) / LANES * LANES;
+    let mut c = c0;
+    while c < end {
+        let n = AXPY_TILE.min(end - c);
+        for (i, &p) in wp.iter().enumerate() {
+            let mut k = 0;
+            while k < n {
+                // SAFETY: c + k + LANES <= end <= c1, inside row i (caller); the tile row
+                // holds AXPY_TILE >= n values.
+                unsafe {
+                    _mm256_storeu_ps(tile.as_mut_ptr().add(i * AXPY_TILE + k), load_dense::<DT>(p, c + k));
+                    prefetch(p.wrapping_add((c + k) * elem_bytes::<DT>() + pf));
+                }
+                k += LANES;
+            }
+        }
+        // SAFETY: forwarded caller contract; n is a multiple of LANES.
+        unsafe { apply_tile(a, a_stride, j, wp.len(), n_tokens, &tile, c, n, y, y_stride) };
+        c += n;
+    }
+    end
+}
+
+/// [`axpy_quant`] for `n_tokens` tokens (layout as [`axpy_dense_tokens`]): each tile of the
+/// rows is dequantized once (`w = d · q`, rounded, as in [`axpy_quant`]) and applied to
+/// every token. Returns `c1`.
+///
+/// # Safety
+/// As [`axpy_quant`] for every token's `y` row; `a` as in [`apply_tile`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn axpy_quant_tokens<const Q: u8>(
+    a: &[f32],
+    a_stride: usize,
+    j: usize,
+    n_tokens: usize,
+    wp: &[*const u8],
+    c0: usize,
+    c1: usize,
+    y: *mut f32,
+    y_stride: usize,
+    pf: usize,
+    lut: *const f32,
+) -> usize {
+    let bytes = if Q == Q_8 { Q8_BYTES } else { Q4_BYTES };
+    let mut tile = [0f32; AXPY_ROWS * AXPY_TILE];
+    let mut c = c0;
+    while c < c1 {
+        let n = AXPY_TILE.min(c1 - c);
+        for (i, &p) in wp.iter().enumerate() {
+            let mut k = 0;
+            while k < n {
+                // SAFETY: block (c + k) / 32 < c1 / 32 of row i (caller); the tile row holds
+                // AXPY_TILE >= n values and k + 32 <= n (multiples of 32).
+                unsafe {
+                    let b = p.add((c + k) / QK * bytes);
+                    let (_, q) = load_block::<Q>(b);
+                    let d = block_scale(b, lut);
+                    prefetch(p.wrapping_add((c + k) / QK * bytes + pf));
+                    for m in 0..4 {
+                        _mm256_storeu_ps(
+                            tile.as_mut_ptr().add(i * AXPY_TILE + k + LANES * m),
+                            _mm256_mul_ps(d, q[m]),
+                        );
+                    }
+                }
+                k += QK;
+            }
+        }
+        // SAFETY: forwarded caller contract; n is a multiple of 32.
+        unsafe { apply_tile(a, a_stride, j, wp.len(), n_tokens, &tile, c, n, y, y_stride) };
+        c += n;
+    }
+    c1
 }
