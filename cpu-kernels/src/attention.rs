@@ -3,9 +3,11 @@
 //!
 //! Each (query, head) output is computed by one task: scores `q·k_j` for the visible keys
 //! in ascending j (one dot product each, with the ISA's fixed reduction pattern), a scalar
-//! softmax, then `o = Σ_j p_j · v_j` in ascending j. Nothing depends on how many queries are
-//! in the call or on the thread count, so prefill and decode give the same bits for a
-//! position. On AVX2 and AVX-512 CPUs the dot products and the `v` accumulation use AVX2
+//! softmax, then `o = Σ_j p_j · v_j` in ascending j. With several queries (prefill) a task
+//! takes a block of 8 queries × the heads sharing one KV head and walks the keys once for
+//! all of them (each key and value row read from L1), with the same operations per output.
+//! Nothing depends on how many queries are in the call or on the thread count, so prefill
+//! and decode give the same bits for a position. On AVX2 and AVX-512 CPUs the dot products and the `v` accumulation use AVX2
 //! (8 lanes, fixed horizontal sum); the scalar path is the oracle.
 
 use half::bf16;
@@ -99,15 +101,134 @@ pub fn causal_attention_with(
     let simd = matches!(isa, Isa::Avx2 | Isa::Avx512);
     let group = s.n_heads / s.n_kv_heads;
     let out_ptr = OutPtr(out.as_mut_ptr());
-    crate::parallel::for_each(n_q * s.n_heads, |idx| {
-        // SAFETY: `out` has n_q · n_heads rows of hd (asserted) and is exclusively
-        // borrowed for the loop; each idx runs once, so rows are written by one item.
-        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(idx * hd), hd) };
+    let shape = Layout { s, q_stride, kv_stride, group, pos0 };
+    if n_q == 1 {
+        crate::parallel::for_each(s.n_heads, |h| {
+            // SAFETY: `out` has n_q · n_heads rows of hd (asserted) and is exclusively
+            // borrowed for the loop; each head runs once, so rows are written by one item.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(h * hd), hd) };
+            SCORES.with(|scores| head(simd, &shape, q, k, v, 0, h, &mut scores.borrow_mut(), o));
+        });
+        return;
+    }
+    // Several queries (prefill): blocks of QUERY_BLOCK queries × the heads sharing one KV
+    // head, so each key and value row is read once per block from L1 instead of once per
+    // (query, head) from L2 or beyond.
+    let n_blocks = n_q.div_ceil(QUERY_BLOCK);
+    crate::parallel::for_each(n_blocks * s.n_kv_heads, |item| {
+        let (b, g) = (item / s.n_kv_heads, item % s.n_kv_heads);
+        let i0 = b * QUERY_BLOCK;
+        let i1 = (i0 + QUERY_BLOCK).min(n_q);
         SCORES.with(|scores| {
-            let scores = &mut *scores.borrow_mut();
-            head(simd, s, q, k, v, q_stride, kv_stride, hd, group, pos0, idx, scores, o)
+            // SAFETY: this item alone writes the rows of queries i0..i1, heads of group g
+            // (disjoint across items), inside `out` (asserted shape, exclusive borrow).
+            unsafe { block(simd, &shape, q, k, v, i0, i1, g, &mut scores.borrow_mut(), out_ptr) }
         });
     });
+}
+
+/// Queries per block of the several-query path.
+const QUERY_BLOCK: usize = 8;
+
+/// Strides and positions shared by every item of one call.
+struct Layout {
+    s: AttentionShape,
+    q_stride: usize,
+    kv_stride: usize,
+    group: usize,
+    pos0: usize,
+}
+
+impl Layout {
+    /// Keys visible to query `i` of the call: `lo..=p`.
+    fn visible(&self, i: usize) -> (usize, usize) {
+        let p = self.pos0 + i;
+        (self.s.window.map_or(0, |w| (p + 1).saturating_sub(w)), p)
+    }
+}
+
+/// Queries `i0..i1` × the heads of KV head `g`: the same dot products, softmax and value
+/// sums, in the same order per output, as [`head`] (so bit-identical to it), looping over
+/// keys outside and rows inside.
+///
+/// # Safety
+/// `out` points to `[n_q, n_heads · head_dim]` floats of which this call alone writes the
+/// rows of queries `i0..i1`, heads `g · group .. (g + 1) · group`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(
+    simd: bool,
+    l: &Layout,
+    q: &[f32],
+    k: KvRef<'_>,
+    v: KvRef<'_>,
+    i0: usize,
+    i1: usize,
+    g: usize,
+    scores: &mut Vec<f32>,
+    out: OutPtr,
+) {
+    let hd = l.s.head_dim;
+    let off = g * hd;
+    let (lo_min, _) = l.visible(i0);
+    let (_, p_max) = l.visible(i1 - 1);
+    let span = p_max + 1 - lo_min;
+    let rows = (i1 - i0) * l.group;
+    scores.clear();
+    scores.resize(rows * span, 0.0);
+    // Row r = (i - i0) · group + (h - g · group).
+    let q_row = |r: usize| {
+        let (i, h) = (i0 + r / l.group, g * l.group + r % l.group);
+        &q[i * l.q_stride + h * hd..][..hd]
+    };
+    for j in lo_min..=p_max {
+        let at = j * l.kv_stride + off;
+        // Rows are in query order, so the rows that see key j are one run r_lo..rows.
+        let r_lo = (0..rows).find(|&r| l.visible(i0 + r / l.group).1 >= j).unwrap_or(rows);
+        let r_hi = (r_lo..rows).find(|&r| l.visible(i0 + r / l.group).0 > j).unwrap_or(rows);
+        let mut r = r_lo;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            while r + 4 <= r_hi {
+                let qs = [q_row(r), q_row(r + 1), q_row(r + 2), q_row(r + 3)];
+                // SAFETY: simd implies AVX2 + FMA (checked by the caller); rows and the key
+                // row hold head_dim elements.
+                let d = unsafe {
+                    match k {
+                        KvRef::F32(kv) => x86::dot4(qs, &kv[at..at + hd], |p: &[f32]| x86::f32x8(p), |a| a),
+                        KvRef::Bf16(kv) => {
+                            x86::dot4(qs, &kv[at..at + hd], |p: &[bf16]| x86::bf16x8(p), |a| a.to_f32())
+                        }
+                    }
+                };
+                for (m, dm) in d.into_iter().enumerate() {
+                    scores[(r + m) * span + j - lo_min] = dm * l.s.scale;
+                }
+                r += 4;
+            }
+        }
+        for r in r..r_hi {
+            scores[r * span + j - lo_min] = dot(simd, q_row(r), k, at) * l.s.scale;
+        }
+    }
+    let out_row = |r: usize| {
+        let (i, h) = (i0 + r / l.group, g * l.group + r % l.group);
+        // SAFETY: row (i, h) is ours (caller contract) and lies inside `out`.
+        unsafe { std::slice::from_raw_parts_mut(out.get().add(i * l.q_stride + h * hd), hd) }
+    };
+    for r in 0..rows {
+        let (lo, p) = l.visible(i0 + r / l.group);
+        softmax_inplace(&mut scores[r * span + lo - lo_min..r * span + p + 1 - lo_min]);
+        out_row(r).fill(0.0);
+    }
+    for j in lo_min..=p_max {
+        let at = j * l.kv_stride + off;
+        for r in 0..rows {
+            let (lo, p) = l.visible(i0 + r / l.group);
+            if (lo..=p).contains(&j) {
+                axpy(simd, scores[r * span + j - lo_min], v, at, out_row(r));
+            }
+        }
+    }
 }
 
 /// Output pointer shared by the items of the loop in [`causal_attention_with`].
@@ -132,35 +253,28 @@ thread_local! {
 #[allow(clippy::too_many_arguments)]
 fn head(
     simd: bool,
-    s: AttentionShape,
+    l: &Layout,
     q: &[f32],
     k: KvRef<'_>,
     v: KvRef<'_>,
-    q_stride: usize,
-    kv_stride: usize,
-    hd: usize,
-    group: usize,
-    pos0: usize,
-    idx: usize,
+    i: usize,
+    h: usize,
     scores: &mut Vec<f32>,
     o: &mut [f32],
 ) {
-    {
-        let (i, h) = (idx / s.n_heads, idx % s.n_heads);
-        let p = pos0 + i;
-        let lo = s.window.map_or(0, |w| (p + 1).saturating_sub(w));
-        let qh = &q[i * q_stride + h * hd..][..hd];
-        let off = (h / group) * hd;
-        scores.clear();
-        for j in lo..=p {
-            let at = j * kv_stride + off;
-            scores.push(dot(simd, qh, k, at) * s.scale);
-        }
-        softmax_inplace(scores);
-        o.fill(0.0);
-        for (j, &pj) in (lo..=p).zip(scores.iter()) {
-            axpy(simd, pj, v, j * kv_stride + off, o);
-        }
+    let hd = l.s.head_dim;
+    let (lo, p) = l.visible(i);
+    let qh = &q[i * l.q_stride + h * hd..][..hd];
+    let off = (h / l.group) * hd;
+    scores.clear();
+    for j in lo..=p {
+        let at = j * l.kv_stride + off;
+        scores.push(dot(simd, qh, k, at) * l.s.scale);
+    }
+    softmax_inplace(scores);
+    o.fill(0.0);
+    for (j, &pj) in (lo..=p).zip(scores.iter()) {
+        axpy(simd, pj, v, j * l.kv_stride + off, o);
     }
 }
 
@@ -227,7 +341,7 @@ mod x86 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn bf16x8(p: &[bf16]) -> __m256 {
+    pub(super) fn bf16x8(p: &[bf16]) -> __m256 {
         debug_assert!(p.len() >= 8);
         // SAFETY: the caller passes at least 8 elements; unaligned load.
         let h = unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) };
@@ -274,6 +388,53 @@ mod x86 {
             s = q[c].mul_add(k[c].to_f32(), s);
         }
         s
+    }
+
+    /// [`dot_f32`] / [`dot_bf16`] of four query rows with the same key row, each with its
+    /// own accumulator in the same order (bit-identical to four single calls); the key row
+    /// is loaded once.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; every `q[r].len() == n` and `k` holds `n` elements.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot4<K: Copy>(
+        q: [&[f32]; 4],
+        k: &[K],
+        load: impl Fn(&[K]) -> __m256,
+        one: impl Fn(K) -> f32,
+    ) -> [f32; 4] {
+        let n = k.len();
+        for r in q {
+            assert_eq!(r.len(), n);
+        }
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let full = n / 8 * 8;
+        for c in (0..full).step_by(8) {
+            let kv = load(&k[c..c + 8]);
+            for r in 0..4 {
+                // SAFETY: c + 8 <= n for every row.
+                let a = unsafe { _mm256_loadu_ps(q[r].as_ptr().add(c)) };
+                acc[r] = _mm256_fmadd_ps(a, kv, acc[r]);
+            }
+        }
+        let mut out = [0f32; 4];
+        for r in 0..4 {
+            let mut s = hsum(acc[r]);
+            for c in full..n {
+                s = q[r][c].mul_add(one(k[c]), s);
+            }
+            out[r] = s;
+        }
+        out
+    }
+
+    /// Eight f32 values as a vector.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn f32x8(p: &[f32]) -> __m256 {
+        debug_assert!(p.len() >= 8);
+        // SAFETY: the caller passes at least 8 elements; unaligned load.
+        unsafe { _mm256_loadu_ps(p.as_ptr()) }
     }
 
     /// `o = fma(p, v, o)` elementwise.
@@ -368,6 +529,11 @@ mod tests {
                         causal_attention_with(isa, s, &q[p * qd..(p + 1) * qd], kr, vr, p, &mut one);
                         assert_eq!(one, all[p * qd..(p + 1) * qd], "{isa:?} position {p}");
                     }
+                    // So does a later chunk of queries (a prompt continued after a prefill).
+                    let p0 = 10;
+                    let mut rest = vec![0f32; (n_kv - p0) * qd];
+                    causal_attention_with(isa, s, &q[p0 * qd..], kr, vr, p0, &mut rest);
+                    assert_eq!(rest, all[p0 * qd..], "{isa:?} chunk from {p0}");
                 }
             }
         }
