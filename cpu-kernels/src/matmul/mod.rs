@@ -4,6 +4,8 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod axpy_tiles;
+#[cfg(target_arch = "x86_64")]
 pub(crate) use avx2::hsum as avx2_hsum;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
