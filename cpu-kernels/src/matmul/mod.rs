@@ -4,7 +4,7 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
-mod axpy_tiles;
+mod common;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx2::hsum as avx2_hsum;
 #[cfg(target_arch = "x86_64")]

@@ -1,0 +1,421 @@
+//! Kernel drivers written once for both SIMD widths: `avx2.rs` and `avx512.rs` instantiate
+//! [`simd_kernels`] with their target features and intrinsics. The generated code uses each
+//! module's own `LANES`, `NR`, `PREFETCH_TILES`, `load_dense`, `load_one`, `load_block`,
+//! `block_scale`, `prefetch`, `elem_bytes` and `tiles` (the tile loops, which differ).
+
+/// Defines, in the invoking ISA module: `raw`, `matmul` (with `matmul_impl`), `axpy_rows`
+/// (with `axpy_impl`, `axpy_dense`, `axpy_quant`) and the several-token `axpy` tiles.
+macro_rules! simd_kernels {
+    (
+        feat: $feat:literal,
+        isa: $isa:path,
+        isa_msg: $isa_msg:literal,
+        quant_vectors: $nq:literal,
+        load: $load:ident,
+        store: $store:ident,
+        fma: $fma:ident,
+        set1: $set1:ident,
+        setzero: $setzero:ident,
+        mul: $mul:ident $(,)?
+    ) => {
+        /// Base pointer of the weights as bytes, and bytes per "unit" (element, or block for
+        /// quantized data) together with elements per unit.
+        fn raw(w: &MatRef<'_>) -> (*const u8, usize, usize) {
+            match w.data {
+                WeightsRef::F32(s) => (s.as_ptr() as *const u8, 4, 1),
+                WeightsRef::Bf16(s) => (s.as_ptr() as *const u8, 2, 1),
+                WeightsRef::F16(s) => (s.as_ptr() as *const u8, 2, 1),
+                WeightsRef::Q8(s) => (s.as_ptr() as *const u8, Q8_BYTES, QK),
+                WeightsRef::Q4(s) => (s.as_ptr() as *const u8, Q4_BYTES, QK),
+            }
+        }
+
+        /// `y[t * y_stride + r] = x_t · W_r` for all `n_tokens` tokens and rows of `w`.
+        pub(super) fn matmul(x: &[f32], n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
+            assert!($isa.is_supported(), $isa_msg);
+            let (rows, cols) = (w.rows, w.cols);
+            if rows == 0 || n_tokens == 0 {
+                return;
+            }
+            assert!(x.len() >= n_tokens * cols, "x shorter than n_tokens * cols");
+            assert!(y_stride >= rows && y.len() >= (n_tokens - 1) * y_stride + rows, "y too short");
+            // SAFETY: the CPU supports the features (asserted); shapes were asserted above and
+            // MatRef guarantees (rows - 1) * stride + cols elements of data.
+            unsafe { matmul_impl(x, n_tokens, w, y, y_stride) }
+        }
+
+        /// # Safety
+        /// The CPU features of this module are available; `x`, `y` sized as asserted in [`matmul`].
+        #[target_feature(enable = $feat)]
+        unsafe fn matmul_impl(x: &[f32], n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
+            // SAFETY: forwarded contract.
+            unsafe {
+                match w.data {
+                    WeightsRef::F32(_) => tiles::<DT_F32, false>(x, n_tokens, w, y, y_stride),
+                    WeightsRef::Bf16(_) => tiles::<DT_BF16, false>(x, n_tokens, w, y, y_stride),
+                    WeightsRef::F16(_) => tiles::<DT_F16, false>(x, n_tokens, w, y, y_stride),
+                    WeightsRef::Q8(_) => tiles::<Q_8, true>(x, n_tokens, w, y, y_stride),
+                    WeightsRef::Q4(_) => tiles::<Q_4, true>(x, n_tokens, w, y, y_stride),
+                }
+            }
+        }
+
+        /// `y[t * cols + c] += Σ_j a[t * a_stride + j] · W[j, c]` for every row j of `w` (in
+        /// ascending order) and every column c, for `n_tokens` tokens (`y`: `[n_tokens, cols]`).
+        pub(super) fn axpy_rows(a: &[f32], a_stride: usize, n_tokens: usize, w: MatRef<'_>, y: &mut [f32]) {
+            assert!($isa.is_supported(), $isa_msg);
+            let (rows, cols) = (w.rows, w.cols);
+            if n_tokens == 0 || rows == 0 || cols == 0 {
+                return;
+            }
+            assert!(a_stride >= rows && a.len() >= (n_tokens - 1) * a_stride + rows, "a too short");
+            assert!(y.len() >= n_tokens * cols, "y too short");
+            let (yp, a) = (y.as_mut_ptr(), &a[..(n_tokens - 1) * a_stride + rows]);
+            // SAFETY: features present (asserted); `y` holds n_tokens rows of cols (asserted) and is
+            // exclusively borrowed; quantized cols are multiples of 32 (MatRef invariant).
+            unsafe {
+                match w.data {
+                    WeightsRef::F32(_) => {
+                        axpy_impl::<DT_F32, false>(a, a_stride, n_tokens, w, 0, cols, yp, cols)
+                    }
+                    WeightsRef::Bf16(_) => {
+                        axpy_impl::<DT_BF16, false>(a, a_stride, n_tokens, w, 0, cols, yp, cols)
+                    }
+                    WeightsRef::F16(_) => {
+                        axpy_impl::<DT_F16, false>(a, a_stride, n_tokens, w, 0, cols, yp, cols)
+                    }
+                    WeightsRef::Q8(_) => axpy_impl::<Q_8, true>(a, a_stride, n_tokens, w, 0, cols, yp, cols),
+                    WeightsRef::Q4(_) => axpy_impl::<Q_4, true>(a, a_stride, n_tokens, w, 0, cols, yp, cols),
+                }
+            }
+        }
+
+        /// Rows of W processed together (each output still sums j in ascending order).
+        const AXPY_ROWS: usize = 4;
+
+        /// # Safety
+        /// CPU features present; `y` valid for reads and writes at `t * y_stride + c` for
+        /// `t < n_tokens`, `c` in `c0..c1` (block aligned for quantized weights), exclusively ours;
+        /// `a` holds `(n_tokens - 1) * a_stride + rows` values.
+        #[target_feature(enable = $feat)]
+        unsafe fn axpy_impl<const K: u8, const QUANT: bool>(
+            a: &[f32],
+            a_stride: usize,
+            n_tokens: usize,
+            w: MatRef<'_>,
+            c0: usize,
+            c1: usize,
+            y: *mut f32,
+            y_stride: usize,
+        ) {
+            let rows = w.rows;
+            let (base, unit_bytes, unit_elems) = raw(&w);
+            let row_bytes = w.stride / unit_elems * unit_bytes;
+            // Prefetch two row groups ahead (rows are short; bundled rows are not contiguous).
+            let pf = 2 * AXPY_ROWS * row_bytes;
+            let lut = super::f16_table().as_ptr();
+            let mut j = 0;
+            while j < rows {
+                let nj = AXPY_ROWS.min(rows - j);
+                let mut wp = [base; AXPY_ROWS];
+                for i in 0..nj {
+                    // SAFETY: row j + i < rows lies inside the data (MatRef invariant).
+                    wp[i] = unsafe { base.add((j + i) * row_bytes) };
+                }
+                // Several tokens: convert or dequantize each chunk of the rows once for all of them
+                // (the one-token functions below then only finish a dense tail).
+                let c_done = if n_tokens == 1 {
+                    c0
+                } else {
+                    // SAFETY: as for the one-token calls below, for every token.
+                    unsafe {
+                        if QUANT {
+                            axpy_quant_tokens::<K>(
+                                a,
+                                a_stride,
+                                j,
+                                n_tokens,
+                                &wp[..nj],
+                                c0,
+                                c1,
+                                y,
+                                y_stride,
+                                pf,
+                                lut,
+                            )
+                        } else {
+                            axpy_dense_tokens::<K>(
+                                a,
+                                a_stride,
+                                j,
+                                n_tokens,
+                                &wp[..nj],
+                                c0,
+                                c1,
+                                y,
+                                y_stride,
+                                pf,
+                            )
+                        }
+                    }
+                };
+                if c_done == c1 {
+                    j += nj;
+                    continue;
+                }
+                for t in 0..n_tokens {
+                    let at = &a[t * a_stride + j..t * a_stride + j + nj];
+                    // SAFETY: y row t, columns c0..c1 (caller); rows j..j+nj (above).
+                    let yt = unsafe { y.add(t * y_stride) };
+                    // SAFETY: as above.
+                    unsafe {
+                        if QUANT {
+                            axpy_quant::<K>(at, &wp[..nj], c_done, c1, yt, pf, lut)
+                        } else {
+                            axpy_dense::<K>(at, &wp[..nj], c_done, c1, yt, pf)
+                        }
+                    }
+                }
+                j += nj;
+            }
+        }
+
+        /// `y[c] = fma(a[i], w_i[c], y[c])` for each row i in order, `c` in `c0..c1`.
+        ///
+        /// # Safety
+        /// Rows hold at least `c1` elements of type `DT`; `y[c0..c1]` is exclusively ours.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn axpy_dense<const DT: u8>(
+            a: &[f32],
+            wp: &[*const u8],
+            c0: usize,
+            c1: usize,
+            y: *mut f32,
+            pf: usize,
+        ) {
+            let mut c = c0;
+            // SAFETY: c + LANES <= c1 inside the loop; tail elements c < c1.
+            unsafe {
+                while c + LANES <= c1 {
+                    let mut yv = $load(y.add(c));
+                    for (i, &p) in wp.iter().enumerate() {
+                        yv = $fma($set1(a[i]), load_dense::<DT>(p, c), yv);
+                        prefetch(p.wrapping_add(c * elem_bytes::<DT>() + pf));
+                    }
+                    $store(y.add(c), yv);
+                    c += LANES;
+                }
+                while c < c1 {
+                    let mut v = y.add(c).read();
+                    for (i, &p) in wp.iter().enumerate() {
+                        v = a[i].mul_add(load_one::<DT>(p, c), v);
+                    }
+                    y.add(c).write(v);
+                    c += 1;
+                }
+            }
+        }
+
+        /// Quantized [`axpy_dense`]: `w = d · q` (rounded) then `y = fma(a, w, y)`.
+        ///
+        /// # Safety
+        /// Rows hold at least `c1 / 32` blocks of kind `Q`; `c0`, `c1` multiples of 32; `lut` is
+        /// [`super::f16_table`];
+        /// `y[c0..c1]` is exclusively ours.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn axpy_quant<const Q: u8>(
+            a: &[f32],
+            wp: &[*const u8],
+            c0: usize,
+            c1: usize,
+            y: *mut f32,
+            pf: usize,
+            lut: *const f32,
+        ) {
+            let bytes = if Q == Q_8 { Q8_BYTES } else { Q4_BYTES };
+            let mut c = c0;
+            // SAFETY: block c / 32 < c1 / 32 of every row; y[c..c+32] within c0..c1.
+            unsafe {
+                while c < c1 {
+                    let mut yv = [$setzero(); $nq];
+                    for k in 0..$nq {
+                        yv[k] = $load(y.add(c + LANES * k));
+                    }
+                    for (i, &p) in wp.iter().enumerate() {
+                        let (_, q) = load_block::<Q>(p.add(c / QK * bytes));
+                        let d = block_scale(p.add(c / QK * bytes), lut);
+                        prefetch(p.wrapping_add(c / QK * bytes + pf));
+                        let av = $set1(a[i]);
+                        for k in 0..$nq {
+                            yv[k] = $fma(av, $mul(d, q[k]), yv[k]);
+                        }
+                    }
+                    for k in 0..$nq {
+                        $store(y.add(c + LANES * k), yv[k]);
+                    }
+                    c += QK;
+                }
+            }
+        }
+
+        /// Columns per tile of the several-token `axpy`: the rows' weights for one tile, as f32, stay
+        /// in L1 (`AXPY_ROWS` × this × 4 bytes) while every token's `y` row streams past them.
+        const AXPY_TILE: usize = 256;
+
+        /// Applies `w_tile` (`wp.len()` rows of `n` f32 at stride [`AXPY_TILE`], columns `c..c + n`,
+        /// `n` a multiple of `LANES`) to every token: `y = fma(a_i, w_i, y)` for rows i in order.
+        ///
+        /// # Safety
+        /// `y` row t (at `t * y_stride`) holds columns `c..c + n`, exclusively ours; `a` holds
+        /// `(n_tokens - 1) * a_stride + j + rows` values.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn apply_tile(
+            a: &[f32],
+            a_stride: usize,
+            j: usize,
+            rows: usize,
+            n_tokens: usize,
+            w_tile: &[f32; AXPY_ROWS * AXPY_TILE],
+            c: usize,
+            n: usize,
+            y: *mut f32,
+            y_stride: usize,
+        ) {
+            // Four tokens at a time: each tile vector is loaded once for four `y` rows.
+            const TG: usize = 4;
+            let mut t0 = 0;
+            while t0 < n_tokens {
+                let tg = TG.min(n_tokens - t0);
+                let mut av = [[0f32; AXPY_ROWS]; TG];
+                for (g, row) in av.iter_mut().enumerate().take(tg) {
+                    let t = t0 + g;
+                    row[..rows].copy_from_slice(&a[t * a_stride + j..t * a_stride + j + rows]);
+                }
+                // SAFETY: columns c..c + n of rows t0..t0 + tg (caller); tile reads stay below n
+                // per tile row.
+                unsafe {
+                    let mut k = 0;
+                    while k < n {
+                        let mut wv = [$setzero(); AXPY_ROWS];
+                        for (i, w) in wv.iter_mut().enumerate().take(rows) {
+                            *w = $load(w_tile.as_ptr().add(i * AXPY_TILE + k));
+                        }
+                        for (g, ag) in av.iter().enumerate().take(tg) {
+                            let yp = y.add((t0 + g) * y_stride + c + k);
+                            let mut yv = $load(yp);
+                            for i in 0..rows {
+                                yv = $fma($set1(ag[i]), wv[i], yv);
+                            }
+                            $store(yp, yv);
+                        }
+                        k += LANES;
+                    }
+                }
+                t0 += tg;
+            }
+        }
+
+        /// [`axpy_dense`] for `n_tokens` tokens (`a` row t at `t * a_stride`, rows `j..` of it; `y`
+        /// row t at `t * y_stride`): each tile of the rows is converted to f32 once, then applied to
+        /// every token with the same operations per output element (bit-identical). Returns where
+        /// the full vectors end; the caller finishes the tail.
+        ///
+        /// # Safety
+        /// As [`axpy_dense`] for every token's `y` row; `a` as in [`apply_tile`].
+        #[inline]
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn axpy_dense_tokens<const DT: u8>(
+            a: &[f32],
+            a_stride: usize,
+            j: usize,
+            n_tokens: usize,
+            wp: &[*const u8],
+            c0: usize,
+            c1: usize,
+            y: *mut f32,
+            y_stride: usize,
+            pf: usize,
+        ) -> usize {
+            let mut tile = [0f32; AXPY_ROWS * AXPY_TILE];
+            let end = c0 + (c1 - c0) / LANES * LANES;
+            let mut c = c0;
+            while c < end {
+                let n = AXPY_TILE.min(end - c);
+                for (i, &p) in wp.iter().enumerate() {
+                    let mut k = 0;
+                    while k < n {
+                        // SAFETY: c + k + LANES <= end <= c1, inside row i (caller); the tile row
+                        // holds AXPY_TILE >= n values.
+                        unsafe {
+                            $store(tile.as_mut_ptr().add(i * AXPY_TILE + k), load_dense::<DT>(p, c + k));
+                            prefetch(p.wrapping_add((c + k) * elem_bytes::<DT>() + pf));
+                        }
+                        k += LANES;
+                    }
+                }
+                // SAFETY: forwarded caller contract; n is a multiple of LANES.
+                unsafe { apply_tile(a, a_stride, j, wp.len(), n_tokens, &tile, c, n, y, y_stride) };
+                c += n;
+            }
+            end
+        }
+
+        /// [`axpy_quant`] for `n_tokens` tokens (layout as [`axpy_dense_tokens`]): each tile of the
+        /// rows is dequantized once (`w = d · q`, rounded, as in [`axpy_quant`]) and applied to
+        /// every token. Returns `c1`.
+        ///
+        /// # Safety
+        /// As [`axpy_quant`] for every token's `y` row; `a` as in [`apply_tile`].
+        #[inline]
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn axpy_quant_tokens<const Q: u8>(
+            a: &[f32],
+            a_stride: usize,
+            j: usize,
+            n_tokens: usize,
+            wp: &[*const u8],
+            c0: usize,
+            c1: usize,
+            y: *mut f32,
+            y_stride: usize,
+            pf: usize,
+            lut: *const f32,
+        ) -> usize {
+            let bytes = if Q == Q_8 { Q8_BYTES } else { Q4_BYTES };
+            let mut tile = [0f32; AXPY_ROWS * AXPY_TILE];
+            let mut c = c0;
+            while c < c1 {
+                let n = AXPY_TILE.min(c1 - c);
+                for (i, &p) in wp.iter().enumerate() {
+                    let mut k = 0;
+                    while k < n {
+                        // SAFETY: block (c + k) / 32 < c1 / 32 of row i (caller); the tile row holds
+                        // AXPY_TILE >= n values and k + 32 <= n (multiples of 32).
+                        unsafe {
+                            let b = p.add((c + k) / QK * bytes);
+                            let (_, q) = load_block::<Q>(b);
+                            let d = block_scale(b, lut);
+                            prefetch(p.wrapping_add((c + k) / QK * bytes + pf));
+                            for m in 0..$nq {
+                                $store(tile.as_mut_ptr().add(i * AXPY_TILE + k + LANES * m), $mul(d, q[m]));
+                            }
+                        }
+                        k += QK;
+                    }
+                }
+                // SAFETY: forwarded caller contract; n is a multiple of 32.
+                unsafe { apply_tile(a, a_stride, j, wp.len(), n_tokens, &tile, c, n, y, y_stride) };
+                c += n;
+            }
+            c1
+        }
+    };
+}
+
+pub(super) use simd_kernels;
