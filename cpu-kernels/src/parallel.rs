@@ -7,11 +7,12 @@
 //! (tens of microseconds in a VM; measured ~50 context switches per token). A team's
 //! workers spin between loops for [`SPIN`] before parking, and the calling thread takes
 //! part in the work. Items are claimed from a shared counter; which thread runs an item
-//! never changes its result (kernels compute each output in one item).
+//! never changes its result (kernels compute each output in one item). A loop publishes its
+//! job through atomics (no lock, no allocation); workers only take a mutex to park.
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -65,8 +66,9 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
 pub struct Team {
     shared: Arc<Shared>,
     handles: Vec<JoinHandle<()>>,
-    /// One caller drives the team at a time.
-    busy: Mutex<()>,
+    /// One caller drives the team at a time (a flag, not a lock: a second caller does not
+    /// wait, it runs on rayon).
+    busy: AtomicBool,
 }
 
 impl std::fmt::Debug for Team {
@@ -87,7 +89,9 @@ struct Shared {
     workers: usize,
     /// Bumped by the caller to publish a job; workers run each epoch exactly once.
     epoch: AtomicU64,
-    job: Mutex<Option<Job>>,
+    /// The current epoch's job, on the caller's stack (null before the first): written
+    /// before the epoch is bumped, read by workers after they see it. No lock per loop.
+    job: AtomicPtr<Job>,
     /// Next item to claim.
     next: AtomicUsize,
     /// Workers that have not checked out of the current epoch.
@@ -96,6 +100,8 @@ struct Shared {
     sleepers: AtomicUsize,
     park: Mutex<()>,
     wake: Condvar,
+    /// Set with `panic` when an item panicked on a worker (checked without locking).
+    panicked: AtomicBool,
     panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
@@ -113,13 +119,14 @@ impl Team {
         let shared = Arc::new(Shared {
             workers,
             epoch: AtomicU64::new(0),
-            job: Mutex::new(None),
+            job: AtomicPtr::new(std::ptr::null_mut()),
             next: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
             park: Mutex::new(()),
             wake: Condvar::new(),
+            panicked: AtomicBool::new(false),
             panic: Mutex::new(None),
         });
         let mut handles = Vec::with_capacity(workers);
@@ -131,12 +138,12 @@ impl Team {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     // Stop the workers already started; the team cannot be built.
-                    drop(Team { shared, handles, busy: Mutex::new(()) });
+                    drop(Team { shared, handles, busy: AtomicBool::new(false) });
                     return Err(e);
                 }
             }
         }
-        Ok(Team { shared, handles, busy: Mutex::new(()) })
+        Ok(Team { shared, handles, busy: AtomicBool::new(false) })
     }
 
     /// Threads in the team, the caller included.
@@ -153,7 +160,16 @@ impl Team {
 
     /// [`Team::install`], or `Err(f)` (not run) if another thread is using the team.
     pub fn try_install<R, F: FnOnce() -> R>(&self, f: F) -> Result<R, F> {
-        let Ok(_busy) = self.busy.try_lock() else { return Err(f) };
+        if self.busy.compare_exchange(false, true, Acquire, Relaxed).is_err() {
+            return Err(f);
+        }
+        struct Free<'a>(&'a AtomicBool);
+        impl Drop for Free<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Release);
+            }
+        }
+        let _busy = Free(&self.busy);
         let prev = CURRENT.with(|c| c.replace(Arc::as_ptr(&self.shared)));
         struct Restore(*const Shared);
         impl Drop for Restore {
@@ -201,8 +217,10 @@ impl Shared {
         // SAFETY: only the lifetime is erased; `wait_all` below (also run on unwind, by the
         // guard) keeps `f` borrowed until no worker can touch it.
         let f: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
-        let job = Job { f, n };
-        *self.job.lock().unwrap_or_else(|p| p.into_inner()) = Some(job);
+        let mut job = Job { f, n };
+        // Workers read `job` through this pointer until they check out, which `WaitAll`
+        // waits for before this frame can end.
+        self.job.store(&mut job, Relaxed);
         self.next.store(0, Relaxed);
         self.pending.store(self.workers, SeqCst);
         self.epoch.fetch_add(1, SeqCst);
@@ -228,8 +246,10 @@ impl Shared {
         let wait = WaitAll(self);
         self.claim(job);
         drop(wait);
-        if let Some(p) = self.panic.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            resume_unwind(p);
+        if self.panicked.swap(false, Acquire) {
+            if let Some(p) = self.panic.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                resume_unwind(p);
+            }
         }
     }
 
@@ -257,11 +277,16 @@ impl Shared {
             if self.stop.load(SeqCst) {
                 return;
             }
-            let job = *self.job.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(job) = job {
+            let job = self.job.load(Relaxed);
+            if !job.is_null() {
+                // SAFETY: the epoch's job was stored before the epoch was bumped (SeqCst
+                // store, seen by the Acquire load above) and stays alive until this worker
+                // checks out below.
+                let job = unsafe { *job };
                 if let Err(p) = catch_unwind(AssertUnwindSafe(|| self.claim(job))) {
                     IN_LOOP.with(|c| c.set(false));
                     self.panic.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(p);
+                    self.panicked.store(true, Release);
                 }
             }
             self.pending.fetch_sub(1, Release);
@@ -332,6 +357,26 @@ mod tests {
             });
             assert_eq!(hits.load(Relaxed), 16);
         }
+    }
+
+    #[test]
+    fn concurrent_callers_each_finish_their_loops() {
+        let team = Team::new(2).unwrap();
+        std::thread::scope(|sc| {
+            for _ in 0..3 {
+                sc.spawn(|| {
+                    for _ in 0..200 {
+                        let hits = AtomicUsize::new(0);
+                        team.install(|| {
+                            for_each(16, |_| {
+                                hits.fetch_add(1, Relaxed);
+                            })
+                        });
+                        assert_eq!(hits.load(Relaxed), 16);
+                    }
+                });
+            }
+        });
     }
 
     #[test]
