@@ -7,7 +7,8 @@
 //! to 2 MiB with `madvise(MADV_HUGEPAGE)` (honoured when
 //! `/sys/kernel/mm/transparent_hugepage/enabled` is `always` or `madvise`; otherwise the
 //! buffer is simply made of ordinary pages). Small buffers, and platforms without `mmap`,
-//! use the global allocator.
+//! use the global allocator. `HETMOE_HUGE_PAGES=0` leaves out the `madvise`, to measure
+//! the difference.
 
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
@@ -36,6 +37,14 @@ unsafe impl ZeroValid for f16 {}
 unsafe impl ZeroValid for BlockQ8 {}
 // SAFETY: repr(C) of an f16 and bytes.
 unsafe impl ZeroValid for BlockQ4 {}
+
+/// Whether to ask for huge pages: yes unless `HETMOE_HUGE_PAGES=0` (read once), which
+/// keeps the same buffers on ordinary 4 KiB pages, for comparisons.
+#[cfg(unix)]
+fn huge_pages_wanted() -> bool {
+    static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WANTED.get_or_init(|| std::env::var_os("HETMOE_HUGE_PAGES").is_none_or(|v| v != "0"))
+}
 
 /// Size of a transparent huge page on x86-64 and most arm64 kernels.
 pub const HUGE_PAGE: usize = 2 << 20;
@@ -132,9 +141,11 @@ impl<T: ZeroValid> HugeBuf<T> {
         let offset = (base as usize).next_multiple_of(HUGE_PAGE) - base as usize;
         // SAFETY: offset < HUGE_PAGE, so [base + offset, + bytes) lies inside the mapping.
         let start = unsafe { (base as *mut u8).add(offset) };
-        // SAFETY: the range is part of our mapping. Failure (THP compiled out or disabled)
-        // only means ordinary pages, so the result is ignored.
-        unsafe { libc::madvise(start as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE) };
+        if huge_pages_wanted() {
+            // SAFETY: the range is part of our mapping. Failure (THP compiled out or
+            // disabled) only means ordinary pages, so the result is ignored.
+            unsafe { libc::madvise(start as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE) };
+        }
         let ptr = NonNull::new(start as *mut T)?;
         Some(HugeBuf { ptr, len, backing: Backing::Mapped { base, len: map_len } })
     }
