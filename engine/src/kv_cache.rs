@@ -155,8 +155,12 @@ impl Sequence {
         }
     }
 
-    /// Reserves room for `positions` more positions in every layer.
-    pub(crate) fn reserve(&mut self, positions: usize) {
+    /// Reserves room for `positions` more positions (KV cache of every layer and the token
+    /// list), so that the next `positions` tokens allocate nothing: a caller that knows the
+    /// length it will generate can make every decode step allocation-free (only the
+    /// returned logits are allocated).
+    pub fn reserve(&mut self, positions: usize) {
+        self.tokens.reserve(positions);
         for l in &mut self.layers {
             l.reserve(positions * self.kv_dim);
         }
