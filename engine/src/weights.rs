@@ -1,10 +1,11 @@
 //! The model's weights as kernel-ready views, built once at load from the checkpoint.
 //!
-//! Matrices are copied out of the checkpoint's memory map into buffers on transparent huge
-//! pages ([`hetmoe_cpu_kernels::memory`]): streaming them is measurably faster than from the
-//! page cache's 4 KiB pages. `HETMOE_MMAP_WEIGHTS=1` keeps aligned bf16/f16/f32 matrices
-//! zero-copy in the map instead (half the resident memory while the file is cached, slower
-//! decode). Small vectors (norms, biases) are converted to f32.
+//! Matrices are copied out of the checkpoint's memory map into anonymous buffers on
+//! transparent huge pages ([`hetmoe_cpu_kernels::memory`]): decode streams them about 7%
+//! faster than it streams the map (measurement in `docs/design.md`). `HETMOE_MMAP_WEIGHTS=1`
+//! keeps aligned bf16/f16/f32 matrices zero-copy in the map instead (half the resident
+//! memory while the file is cached, slower decode). Small vectors (norms, biases) are
+//! converted to f32.
 
 use half::{bf16, f16};
 use hetmoe_cpu_kernels::memory::{HugeBuf, ZeroValid};
