@@ -103,12 +103,41 @@ pub fn causal_attention_with(
     let out_ptr = OutPtr(out.as_mut_ptr());
     let shape = Layout { s, q_stride, kv_stride, group, pos0 };
     if n_q == 1 {
-        crate::parallel::for_each(s.n_heads, |h| {
-            // SAFETY: `out` has n_q · n_heads rows of hd (asserted) and is exclusively
-            // borrowed for the loop; each head runs once, so rows are written by one item.
-            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(h * hd), hd) };
-            SCORES.with(|scores| head(simd, &shape, q, k, v, 0, h, &mut scores.borrow_mut(), o));
+        // Decode: one score row per head, in a buffer of the calling thread sized for
+        // contexts up to MIN_DECODE_SPAN at first use, so steps do not allocate as the
+        // context grows (beyond that it doubles).
+        let (lo, p) = shape.visible(0);
+        let span = p + 1 - lo;
+        let need = s.n_heads * span;
+        let run = |buf: &mut [f32]| {
+            let rows = OutPtr(buf.as_mut_ptr());
+            crate::parallel::for_each(s.n_heads, |h| {
+                // SAFETY: `out` has n_heads rows of hd (asserted) and `buf` n_heads rows of
+                // span; both are exclusively borrowed for the loop and each head runs once,
+                // so every row is touched by one item.
+                let (o, scores) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(out_ptr.get().add(h * hd), hd),
+                        std::slice::from_raw_parts_mut(rows.get().add(h * span), span),
+                    )
+                };
+                head(simd, &shape, q, k, v, 0, h, scores, o);
+            });
+        };
+        let done = DECODE_SCORES.with(|buf| match buf.try_borrow_mut() {
+            Ok(mut buf) => {
+                if buf.len() < need {
+                    let size = need.next_power_of_two().max(s.n_heads * MIN_DECODE_SPAN);
+                    buf.resize(size, 0.0);
+                }
+                run(&mut buf[..need]);
+                true
+            }
+            Err(_) => false,
         });
+        if !done {
+            run(&mut vec![0f32; need]);
+        }
         return;
     }
     // Several queries (prefill): blocks of QUERY_BLOCK queries × the heads sharing one KV
@@ -244,9 +273,14 @@ unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
 
+/// Decode contexts the calling thread's score buffer holds from its first use.
+const MIN_DECODE_SPAN: usize = 4096;
+
 thread_local! {
-    /// Per-thread score row (grows to the longest context seen; never shrinks).
+    /// Per-thread score rows of the prefill blocks (grow to the largest block seen).
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The calling thread's decode score rows, `n_heads × span` (see MIN_DECODE_SPAN).
+    static DECODE_SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One query position and head: scores over the visible keys, softmax, weighted values.
@@ -259,17 +293,17 @@ fn head(
     v: KvRef<'_>,
     i: usize,
     h: usize,
-    scores: &mut Vec<f32>,
+    scores: &mut [f32],
     o: &mut [f32],
 ) {
     let hd = l.s.head_dim;
     let (lo, p) = l.visible(i);
     let qh = &q[i * l.q_stride + h * hd..][..hd];
     let off = (h / l.group) * hd;
-    scores.clear();
-    for j in lo..=p {
+    debug_assert_eq!(scores.len(), p + 1 - lo);
+    for (j, sc) in (lo..=p).zip(scores.iter_mut()) {
         let at = j * l.kv_stride + off;
-        scores.push(dot(simd, qh, k, at) * l.s.scale);
+        *sc = dot(simd, qh, k, at) * l.s.scale;
     }
     softmax_inplace(scores);
     o.fill(0.0);

@@ -47,15 +47,16 @@ pub(crate) struct Model {
 /// `Engine` is `Send + Sync`: weights are immutable after loading and all per-sequence
 /// state lives in [`Sequence`], so one engine can serve several threads (forward passes
 /// from different threads share its compute threads: one drives the spinning team, the
-/// others run on the rayon pool of the same size).
+/// others run on a rayon pool of the same size, built when first needed).
 #[derive(Debug)]
 pub struct Engine {
     model: Model,
     tokenizer: Option<TextTokenizer>,
     /// The compute threads of forward passes (see [`hetmoe_cpu_kernels::parallel`]).
     team: Team,
-    /// Used by a forward pass that finds the team busy with another thread's.
-    pool: rayon::ThreadPool,
+    /// A rayon pool of the team's size, built the first time a forward pass finds the team
+    /// busy with another thread's (`None` inside if it could not be built).
+    fallback_pool: std::sync::OnceLock<Option<rayon::ThreadPool>>,
     dir: PathBuf,
     kv_cache: KvCacheDtype,
 }
@@ -131,25 +132,17 @@ impl Engine {
                 reason: "must be at least 1".into(),
             });
         }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(options.threads.unwrap_or(0))
-            .thread_name(|i| format!("hetmoe-compute-{i}"))
-            .build()
-            .map_err(|e| EngineError::ThreadPool(e.to_string()))?;
-        let team =
-            Team::new(pool.current_num_threads()).map_err(|e| EngineError::ThreadPool(e.to_string()))?;
+        let threads = options
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+        let team = Team::new(threads).map_err(|e| EngineError::ThreadPool(e.to_string()))?;
         let inv_freq = hetmoe_cpu_kernels::rope::inv_freq(spec.rope.theta, spec.rope.rotary_dim);
-        tracing::info!(
-            arch = spec.arch.model_type(),
-            layers = spec.n_layers,
-            threads = pool.current_num_threads(),
-            "model loaded"
-        );
+        tracing::info!(arch = spec.arch.model_type(), layers = spec.n_layers, threads, "model loaded");
         Ok(Engine {
             model: Model { spec, weights, inv_freq, experts, prefetch_next_layer: options.prefetch },
             tokenizer,
             team,
-            pool,
+            fallback_pool: std::sync::OnceLock::new(),
             dir: dir.to_path_buf(),
             kv_cache: options.kv_cache,
         })
@@ -163,8 +156,23 @@ impl Engine {
         &self.dir
     }
 
+    /// Runs `f` on the fallback rayon pool (on the global one if it cannot be built).
+    fn run_on_fallback_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        let pool = self.fallback_pool.get_or_init(|| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(self.team.threads())
+                .thread_name(|i| format!("hetmoe-fallback-{i}"))
+                .build()
+                .ok()
+        });
+        match pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+
     pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
+        self.team.threads()
     }
 
     pub fn tokenizer(&self) -> Option<&TextTokenizer> {
@@ -213,7 +221,7 @@ impl Engine {
         // The batch borrows the first sequence's scratch buffers for the step.
         let mut scratch = items.first_mut().map(|i| std::mem::take(&mut i.seq.scratch)).unwrap_or_default();
         let step = || forward::forward(&self.model, items, mode, observer, &mut scratch);
-        let result = self.team.try_install(step).unwrap_or_else(|step| self.pool.install(step));
+        let result = self.team.try_install(step).unwrap_or_else(|step| self.run_on_fallback_pool(step));
         if let Some(first) = items.first_mut() {
             first.seq.scratch = scratch;
         }
