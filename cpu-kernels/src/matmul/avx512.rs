@@ -98,76 +98,6 @@ unsafe fn load_one<const DT: u8>(p: *const u8, i: usize) -> f32 {
     }
 }
 
-/// Dot products of `R` dense rows with `T` tokens.
-///
-/// # Safety
-/// Each `w[r]` points to `cols` readable elements of type `DT`; `x` points to `T` rows of
-/// `cols` readable f32 at stride `xs`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn dense_tile<const DT: u8, const R: usize, const T: usize>(
-    x: *const f32,
-    xs: usize,
-    w: [*const u8; R],
-    cols: usize,
-    pf: usize,
-) -> [[f32; R]; T] {
-    let mut acc = [[_mm512_setzero_ps(); R]; T];
-    let full = cols / LANES * LANES;
-    let mut c = 0;
-    // SAFETY: c + 16 <= full <= cols, within every row and every token (caller contract).
-    unsafe {
-        while c < full {
-            let line = (c * elem_bytes::<DT>()).is_multiple_of(64);
-            let mut wv = [_mm512_setzero_ps(); R];
-            for r in 0..R {
-                wv[r] = load_dense::<DT>(w[r], c);
-                if line {
-                    prefetch(w[r].wrapping_add(c * elem_bytes::<DT>() + pf));
-                }
-            }
-            for t in 0..T {
-                let xv = _mm512_loadu_ps(x.add(t * xs + c));
-                for r in 0..R {
-                    acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
-                }
-            }
-            c += LANES;
-        }
-    }
-    if c < cols {
-        let m = cols - c;
-        let mut wb = [[0f32; LANES]; R];
-        for r in 0..R {
-            for i in 0..m {
-                // SAFETY: c + i < cols.
-                wb[r][i] = unsafe { load_one::<DT>(w[r], c + i) };
-            }
-        }
-        for t in 0..T {
-            let mut xb = [0f32; LANES];
-            for i in 0..m {
-                // SAFETY: c + i < cols, token t < T.
-                xb[i] = unsafe { x.add(t * xs + c + i).read() };
-            }
-            // SAFETY: the buffers hold LANES f32 each.
-            let xv = unsafe { _mm512_loadu_ps(xb.as_ptr()) };
-            for r in 0..R {
-                // SAFETY: as above.
-                let wv = unsafe { _mm512_loadu_ps(wb[r].as_ptr()) };
-                acc[t][r] = _mm512_fmadd_ps(xv, wv, acc[t][r]);
-            }
-        }
-    }
-    let mut out = [[0f32; R]; T];
-    for t in 0..T {
-        for r in 0..R {
-            out[t][r] = hsum(acc[t][r]);
-        }
-    }
-    out
-}
-
 /// The block's scale broadcast, and its 32 values (`q`, or `q − 8` for q4) as 2 vectors.
 ///
 /// # Safety
@@ -212,49 +142,6 @@ fn nibble_table() -> __m512 {
 unsafe fn block_scale(p: *const u8, lut: *const f32) -> __m512 {
     // SAFETY: the scale is the block's first two bytes; every u16 indexes the table.
     unsafe { _mm512_set1_ps(*lut.add((p as *const u16).read_unaligned() as usize)) }
-}
-
-/// Dot products of `R` quantized rows with `T` tokens.
-///
-/// # Safety
-/// Each `w[r]` points to `nb` readable blocks of kind `Q`; `x` points to `T` rows of
-/// `nb · 32` readable f32 at stride `xs`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn quant_tile<const Q: u8, const R: usize, const T: usize>(
-    x: *const f32,
-    xs: usize,
-    w: [*const u8; R],
-    nb: usize,
-    pf: usize,
-    lut: *const f32,
-) -> [[f32; R]; T] {
-    let bytes = if Q == Q_8 { Q8_BYTES } else { Q4_BYTES };
-    let mut acc = [[_mm512_setzero_ps(); R]; T];
-    for b in 0..nb {
-        for r in 0..R {
-            // SAFETY: block b < nb of row r, and columns b·32 .. b·32 + 32 of each token.
-            unsafe {
-                let p = w[r].add(b * bytes);
-                let (_, q) = load_block::<Q>(p);
-                let d = block_scale(p, lut);
-                prefetch(w[r].wrapping_add(b * bytes + pf));
-                for t in 0..T {
-                    let xp = x.add(t * xs + b * QK);
-                    let mut s = _mm512_mul_ps(_mm512_loadu_ps(xp), q[0]);
-                    s = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(16)), q[1], s);
-                    acc[t][r] = _mm512_fmadd_ps(s, d, acc[t][r]);
-                }
-            }
-        }
-    }
-    let mut out = [[0f32; R]; T];
-    for t in 0..T {
-        for r in 0..R {
-            out[t][r] = hsum(acc[t][r]);
-        }
-    }
-    out
 }
 
 /// # Safety

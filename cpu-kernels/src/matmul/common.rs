@@ -1,10 +1,12 @@
 //! Kernel drivers written once for both SIMD widths: `avx2.rs` and `avx512.rs` instantiate
 //! [`simd_kernels`] with their target features and intrinsics. The generated code uses each
-//! module's own `LANES`, `NR`, `PREFETCH_TILES`, `load_dense`, `load_one`, `load_block`,
-//! `block_scale`, `prefetch`, `elem_bytes` and `tiles` (the tile loops, which differ).
+//! module's own `LANES`, `NR`, `PREFETCH_TILES`, `hsum`, `load_dense`, `load_one`,
+//! `load_block`, `block_scale`, `prefetch`, `elem_bytes` and `tiles` (the loop over tiles,
+//! whose tile sizes differ).
 
-/// Defines, in the invoking ISA module: `raw`, `matmul` (with `matmul_impl`), `axpy_rows`
-/// (with `axpy_impl`, `axpy_dense`, `axpy_quant`) and the several-token `axpy` tiles.
+/// Defines, in the invoking ISA module: the tile kernels `dense_tile` and `quant_tile`,
+/// `raw`, `matmul` (with `matmul_impl`), `axpy_rows` (with `axpy_impl`, `axpy_dense`,
+/// `axpy_quant`) and the several-token `axpy` tiles.
 macro_rules! simd_kernels {
     (
         feat: $feat:literal,
@@ -18,6 +20,121 @@ macro_rules! simd_kernels {
         setzero: $setzero:ident,
         mul: $mul:ident $(,)?
     ) => {
+        /// Dot products of `R` dense rows with `T` tokens.
+        ///
+        /// # Safety
+        /// Each `w[r]` points to `cols` readable elements of type `DT`; `x` points to `T` rows of
+        /// `cols` readable f32 at stride `xs`.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn dense_tile<const DT: u8, const R: usize, const T: usize>(
+            x: *const f32,
+            xs: usize,
+            w: [*const u8; R],
+            cols: usize,
+            pf: usize,
+        ) -> [[f32; R]; T] {
+            let mut acc = [[$setzero(); R]; T];
+            let full = cols / LANES * LANES;
+            let mut c = 0;
+            // SAFETY: c + LANES <= full <= cols, within every row and every token (caller contract).
+            unsafe {
+                while c < full {
+                    let line = (c * elem_bytes::<DT>()).is_multiple_of(64);
+                    let mut wv = [$setzero(); R];
+                    for r in 0..R {
+                        wv[r] = load_dense::<DT>(w[r], c);
+                        if line {
+                            prefetch(w[r].wrapping_add(c * elem_bytes::<DT>() + pf));
+                        }
+                    }
+                    for t in 0..T {
+                        let xv = $load(x.add(t * xs + c));
+                        for r in 0..R {
+                            acc[t][r] = $fma(xv, wv[r], acc[t][r]);
+                        }
+                    }
+                    c += LANES;
+                }
+            }
+            if c < cols {
+                let m = cols - c;
+                let mut wb = [[0f32; LANES]; R];
+                for r in 0..R {
+                    for i in 0..m {
+                        // SAFETY: c + i < cols.
+                        wb[r][i] = unsafe { load_one::<DT>(w[r], c + i) };
+                    }
+                }
+                for t in 0..T {
+                    let mut xb = [0f32; LANES];
+                    for i in 0..m {
+                        // SAFETY: c + i < cols, token t < T.
+                        xb[i] = unsafe { x.add(t * xs + c + i).read() };
+                    }
+                    // SAFETY: the buffers hold LANES f32 each.
+                    let xv = unsafe { $load(xb.as_ptr()) };
+                    for r in 0..R {
+                        // SAFETY: as above.
+                        let wv = unsafe { $load(wb[r].as_ptr()) };
+                        acc[t][r] = $fma(xv, wv, acc[t][r]);
+                    }
+                }
+            }
+            let mut out = [[0f32; R]; T];
+            for t in 0..T {
+                for r in 0..R {
+                    out[t][r] = hsum(acc[t][r]);
+                }
+            }
+            out
+        }
+
+        /// Dot products of `R` quantized rows with `T` tokens.
+        ///
+        /// # Safety
+        /// Each `w[r]` points to `nb` readable blocks of kind `Q`; `x` points to `T` rows of
+        /// `nb · 32` readable f32 at stride `xs`.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn quant_tile<const Q: u8, const R: usize, const T: usize>(
+            x: *const f32,
+            xs: usize,
+            w: [*const u8; R],
+            nb: usize,
+            pf: usize,
+            lut: *const f32,
+        ) -> [[f32; R]; T] {
+            let bytes = if Q == Q_8 { Q8_BYTES } else { Q4_BYTES };
+            let mut acc = [[$setzero(); R]; T];
+            for b in 0..nb {
+                for r in 0..R {
+                    // SAFETY: block b < nb of row r, and columns b·32 .. b·32 + 32 of each token.
+                    unsafe {
+                        let p = w[r].add(b * bytes);
+                        let (_, q) = load_block::<Q>(p);
+                        let d = block_scale(p, lut);
+                        prefetch(w[r].wrapping_add(b * bytes + pf));
+                        for t in 0..T {
+                            let xp = x.add(t * xs + b * QK);
+                            let mut s = $mul($load(xp), q[0]);
+                            for k in 1..$nq {
+                                s = $fma($load(xp.add(LANES * k)), q[k], s);
+                            }
+                            acc[t][r] = $fma(s, d, acc[t][r]);
+                        }
+                    }
+                }
+            }
+            let mut out = [[0f32; R]; T];
+            for t in 0..T {
+                for r in 0..R {
+                    out[t][r] = hsum(acc[t][r]);
+                }
+            }
+            out
+        }
+
         /// Base pointer of the weights as bytes, and bytes per "unit" (element, or block for
         /// quantized data) together with elements per unit.
         fn raw(w: &MatRef<'_>) -> (*const u8, usize, usize) {
