@@ -13,6 +13,7 @@
 use half::bf16;
 
 use crate::dispatch::{active_isa, Isa};
+use crate::parallel::SyncPtr;
 use crate::softmax::softmax_inplace;
 
 /// Head layout of one attention call.
@@ -100,7 +101,7 @@ pub fn causal_attention_with(
     assert_eq!(out.len(), q.len());
     let simd = matches!(isa, Isa::Avx2 | Isa::Avx512);
     let group = s.n_heads / s.n_kv_heads;
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = SyncPtr(out.as_mut_ptr());
     let shape = Layout { s, q_stride, kv_stride, group, pos0 };
     if n_q == 1 {
         // Decode: one score row per head, in a buffer of the calling thread sized for
@@ -110,15 +111,15 @@ pub fn causal_attention_with(
         let span = p + 1 - lo;
         let need = s.n_heads * span;
         let run = |buf: &mut [f32]| {
-            let rows = OutPtr(buf.as_mut_ptr());
+            let rows = SyncPtr(buf.as_mut_ptr());
             crate::parallel::for_each(s.n_heads, |h| {
                 // SAFETY: `out` has n_heads rows of hd (asserted) and `buf` n_heads rows of
                 // span; both are exclusively borrowed for the loop and each head runs once,
                 // so every row is touched by one item.
                 let (o, scores) = unsafe {
                     (
-                        std::slice::from_raw_parts_mut(out_ptr.get().add(h * hd), hd),
-                        std::slice::from_raw_parts_mut(rows.get().add(h * span), span),
+                        std::slice::from_raw_parts_mut(out_ptr.ptr().add(h * hd), hd),
+                        std::slice::from_raw_parts_mut(rows.ptr().add(h * span), span),
                     )
                 };
                 head(simd, &shape, q, k, v, 0, h, scores, o);
@@ -194,7 +195,7 @@ unsafe fn block(
     i1: usize,
     g: usize,
     scores: &mut Vec<f32>,
-    out: OutPtr,
+    out: SyncPtr,
 ) {
     let hd = l.s.head_dim;
     let off = g * hd;
@@ -242,7 +243,7 @@ unsafe fn block(
     let out_row = |r: usize| {
         let (i, h) = (i0 + r / l.group, g * l.group + r % l.group);
         // SAFETY: row (i, h) is ours (caller contract) and lies inside `out`.
-        unsafe { std::slice::from_raw_parts_mut(out.get().add(i * l.q_stride + h * hd), hd) }
+        unsafe { std::slice::from_raw_parts_mut(out.ptr().add(i * l.q_stride + h * hd), hd) }
     };
     for r in 0..rows {
         let (lo, p) = l.visible(i0 + r / l.group);
@@ -259,19 +260,6 @@ unsafe fn block(
         }
     }
 }
-
-/// Output pointer shared by the items of the loop in [`causal_attention_with`].
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: items write disjoint rows (see causal_attention_with).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
 
 /// Decode contexts the calling thread's score buffer holds from its first use.
 const MIN_DECODE_SPAN: usize = 4096;

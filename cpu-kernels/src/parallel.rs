@@ -62,6 +62,22 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
     }
 }
 
+/// A buffer's base pointer, shared by the items of one loop that each write their own
+/// disjoint part of the buffer (every use states which part is its item's).
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
+impl SyncPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: items only write disjoint ranges through it, while the buffer is exclusively
+// borrowed by the loop's caller.
+unsafe impl Send for SyncPtr {}
+// SAFETY: as above; no two items touch the same element.
+unsafe impl Sync for SyncPtr {}
+
 /// A fixed set of worker threads that [`for_each`] uses while [`Team::install`]ed.
 pub struct Team {
     shared: Arc<Shared>,

@@ -14,6 +14,7 @@ mod scalar;
 use half::{bf16, f16};
 
 use crate::dispatch::{active_isa, Isa};
+use crate::parallel::SyncPtr;
 use crate::quant::{BlockQ4, BlockQ8, QK};
 use crate::KernelError;
 
@@ -373,19 +374,6 @@ fn f16_table() -> &'static [f32] {
     static TABLE: std::sync::OnceLock<Box<[f32]>> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| (0..=u16::MAX).map(|b| f16::from_bits(b).to_f32()).collect())
 }
-
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-impl SyncPtr {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: used only to write disjoint ranges from different tasks (see matmul_with).
-unsafe impl Send for SyncPtr {}
-// SAFETY: as above; no two tasks touch the same element.
-unsafe impl Sync for SyncPtr {}
 
 /// A kernel for `n_tokens` tokens with `y` of stride `y_stride` per token.
 type Kernel = fn(&[f32], usize, MatRef<'_>, &mut [f32], usize);
