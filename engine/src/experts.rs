@@ -8,6 +8,7 @@
 use std::fmt::Debug;
 
 use hetmoe_cpu_kernels::moe::ExpertRef;
+use hetmoe_storage::{ExpertId, ExpertKey};
 
 use crate::error::EngineResult;
 use crate::weights::Mlp;
@@ -21,6 +22,9 @@ pub(crate) struct ExpertRequest<'a> {
     pub router_probs: &'a [f32],
     /// Experts used by at least one token, ascending.
     pub experts: &'a [usize],
+    /// The same experts as ids and as keys of `layer`.
+    pub ids: &'a [ExpertId],
+    pub keys: &'a [ExpertKey],
 }
 
 pub(crate) trait ExpertAccess: Send + Sync + Debug {

@@ -7,7 +7,7 @@ use std::fmt;
 
 use hetmoe_cpu_kernels::moe::ExpertRef;
 use hetmoe_offload::{CacheMetrics, ExpertCache, ExpertSource, Step};
-use hetmoe_storage::{ExpertId, ExpertKey, LayerId};
+use hetmoe_storage::{ExpertKey, LayerId};
 
 use crate::error::{EngineError, EngineResult};
 use crate::experts::{ExpertAccess, ExpertRequest};
@@ -42,16 +42,14 @@ impl<S: ExpertSource + ExpertLayout> ExpertAccess for CachedExperts<S> {
         _resident: &[Mlp],
         run: &mut dyn FnMut(usize, ExpertRef<'_>),
     ) -> EngineResult<()> {
-        let used: Vec<ExpertId> = req.experts.iter().map(|&e| ExpertId(e as u16)).collect();
         self.cache.on_step(&Step {
             layer: LayerId(req.layer as u16),
             n_tokens: req.n_tokens,
             router_probs: req.router_probs,
-            used: &used,
+            used: req.ids,
         });
-        let keys: Vec<ExpertKey> = req.experts.iter().map(|&e| ExpertKey::new(req.layer, e)).collect();
         let source = self.cache.source();
-        self.cache.for_each(&keys, |key, bytes| -> Result<(), EngineError> {
+        self.cache.for_each(req.keys, |key, bytes| -> Result<(), EngineError> {
             run(key.expert.0 as usize, source.expert_ref(bytes)?);
             Ok(())
         })

@@ -1,6 +1,8 @@
 //! Reusable buffers of the forward pass. They only grow, so once a sequence has run a
 //! step of a given size, further steps of that size allocate nothing.
 
+use hetmoe_storage::{ExpertId, ExpertKey};
+
 use crate::forward::Routing;
 
 /// Zero-filled `&mut buf[..n]`, growing `buf` if needed.
@@ -32,6 +34,9 @@ pub(crate) struct MoeScratch {
     /// Fill cursors of the counting sort, and the experts used by the step.
     pub fill: Vec<usize>,
     pub active: Vec<usize>,
+    /// `active` as expert ids and as keys of this layer (what an expert cache is asked for).
+    pub active_ids: Vec<ExpertId>,
+    pub active_keys: Vec<ExpertKey>,
     pub xe: Vec<f32>,
     pub ye: Vec<f32>,
     pub act: Vec<f32>,

@@ -2,7 +2,7 @@
 //! run once over the tokens sent to it, optional shared expert with its sigmoid gate.
 
 use hetmoe_cpu_kernels::{matmul, softmax::sigmoid, softmax::softmax_inplace, topk::top_k};
-use hetmoe_storage::ModelSpec;
+use hetmoe_storage::{ExpertId, ExpertKey, ModelSpec};
 
 use super::mlp::run_expert;
 use crate::error::EngineResult;
@@ -80,7 +80,22 @@ pub(crate) fn forward(
 ) -> EngineResult<()> {
     let h = spec.hidden;
     route(spec, moe, x, &mut sc.probs, &mut sc.routing);
-    let MoeScratch { routing, probs, slots, order, offsets, fill, active, xe, ye, act, shared_y, gate } = sc;
+    let MoeScratch {
+        routing,
+        probs,
+        slots,
+        order,
+        offsets,
+        fill,
+        active,
+        active_ids,
+        active_keys,
+        xe,
+        ye,
+        act,
+        shared_y,
+        gate,
+    } = sc;
     let (n, k, n_experts) = (routing.n_tokens, routing.top_k, routing.n_experts);
 
     // Group (token, rank) slots by expert: counting sort over expert ids.
@@ -106,7 +121,18 @@ pub(crate) fn forward(
     let slots = zeroed(slots, n * k * h); // [n, k, hidden]
     active.clear();
     active.extend((0..n_experts).filter(|&e| offsets[e + 1] > offsets[e]));
-    let request = ExpertRequest { layer, n_tokens: n, router_probs: probs, experts: active };
+    active_ids.clear();
+    active_ids.extend(active.iter().map(|&e| ExpertId(e as u16)));
+    active_keys.clear();
+    active_keys.extend(active.iter().map(|&e| ExpertKey::new(layer, e)));
+    let request = ExpertRequest {
+        layer,
+        n_tokens: n,
+        router_probs: probs,
+        experts: active,
+        ids: active_ids,
+        keys: active_keys,
+    };
     access.with_experts(&request, &moe.experts, &mut |e, weights| {
         let slots_of_e = &order[offsets[e]..offsets[e + 1]];
         let m = slots_of_e.len();
