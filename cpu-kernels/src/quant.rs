@@ -80,6 +80,53 @@ pub fn dequantize_q4(blocks: &[BlockQ4], out: &mut [f32]) {
     }
 }
 
+/// Values per lane of the integer dot products (`vpdpbusd` / `pmaddubsw`+`pmaddwd` sum
+/// four adjacent byte products into one 32-bit lane).
+pub const LANE: usize = 4;
+
+/// Quantizes one row of activations for the integer dot products of q8 / q4 weights, the
+/// way llama.cpp pairs `Q8_0` activations with its weight formats: per block of [`QK`],
+/// `x ≈ dx · q` with `q ∈ [-127, 127]` and `dx = max|x| / 127` (an f32, not rounded to
+/// f16). For each group of [`LANE`] values it also writes `-Σ q` to `neg_sums` (the kernels
+/// that feed weights as unsigned bytes subtract their offset with it) and `dx` to
+/// `lane_scales` (so a kernel multiplies lanes by a vector load instead of building a
+/// broadcast per block).
+///
+/// A block holding a NaN or an infinity gets a NaN scale, so the products it enters
+/// come out NaN, as with f32 activations, never a silently finite number.
+pub fn quantize_acts(x: &[f32], q: &mut [i8], neg_sums: &mut [i32], lane_scales: &mut [f32]) {
+    assert!(
+        x.len().is_multiple_of(QK)
+            && q.len() == x.len()
+            && neg_sums.len() == x.len() / LANE
+            && lane_scales.len() == x.len() / LANE,
+        "quantize_acts: bad lengths"
+    );
+    for (((xs, qs), ns), ls) in x
+        .chunks_exact(QK)
+        .zip(q.chunks_exact_mut(QK))
+        .zip(neg_sums.chunks_exact_mut(QK / LANE))
+        .zip(lane_scales.chunks_exact_mut(QK / LANE))
+    {
+        let amax = xs.iter().fold(0f32, |m, v| if v.abs() > m || v.is_nan() { v.abs() } else { m });
+        let (d, id) = if !amax.is_finite() {
+            (f32::NAN, 0.0)
+        } else if amax == 0.0 {
+            (0.0, 0.0)
+        } else {
+            let d = amax / 127.0;
+            (d, 1.0 / d)
+        };
+        for (qv, &v) in qs.iter_mut().zip(xs) {
+            *qv = (v * id).round().clamp(-127.0, 127.0) as i8;
+        }
+        for (n, g) in ns.iter_mut().zip(qs.chunks_exact(LANE)) {
+            *n = -g.iter().map(|&v| v as i32).sum::<i32>();
+        }
+        ls.fill(d);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +173,36 @@ mod tests {
         let mut y = [1f32; QK];
         dequantize_q4(&b, &mut y);
         assert!(y.iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn activations_quantize_within_half_a_step_with_lane_sums() {
+        let x: Vec<f32> = data(96).iter().map(|v| v * 3.0).collect();
+        let (mut q, mut ns, mut ls) = (vec![0i8; 96], vec![0i32; 24], vec![0f32; 24]);
+        quantize_acts(&x, &mut q, &mut ns, &mut ls);
+        for b in 0..3 {
+            let d = ls[b * 8];
+            assert!(ls[b * 8..b * 8 + 8].iter().all(|&v| v == d));
+            let amax = x[b * 32..b * 32 + 32].iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(d, amax / 127.0);
+            for i in b * 32..b * 32 + 32 {
+                assert!((x[i] - d * q[i] as f32).abs() <= 0.5 * d * 1.0001, "{i}");
+            }
+        }
+        for (g, &n) in q.chunks(4).zip(&ns) {
+            assert_eq!(n, -g.iter().map(|&v| v as i32).sum::<i32>());
+        }
+    }
+
+    #[test]
+    fn activations_with_nan_or_inf_give_a_nan_scale() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut x = vec![0.25f32; 64];
+            x[40] = bad;
+            let (mut q, mut ns, mut ls) = (vec![0i8; 64], vec![0i32; 16], vec![0f32; 16]);
+            quantize_acts(&x, &mut q, &mut ns, &mut ls);
+            assert!(ls[..8].iter().all(|&v| v == 0.25 / 127.0), "{bad}: clean block");
+            assert!(ls[8..].iter().all(|v| v.is_nan()), "{bad}");
+        }
     }
 }

@@ -5,9 +5,9 @@
 //! * dense weights (f32 / bf16 / f16): one 8-lane accumulator, `acc = fma(x[c..c+8],
 //!   w[c..c+8], acc)` over the full chunks in column order, then the last `cols % 8`
 //!   columns as one zero-padded chunk, then [`hsum`];
-//! * quantized weights (q8 / q4, blocks of 32): per block `b = x0·q0`, `b = fma(x1, q1, b)`,
-//!   `b = fma(x2, q2, b)`, `b = fma(x3, q3, b)` over its four 8-element quarters, then
-//!   `acc = fma(b, d, acc)`; [`hsum`] at the end.
+//! * quantized weights (q8 / q4, blocks of 32): integer dot products with the activations
+//!   quantized to 8 bits ([`qdot_tile`]), one 8-lane f32 accumulator over the blocks in
+//!   order; [`hsum`] at the end.
 //!
 //! Multi-token tiles (up to [`NR`] rows × [`NT`] tokens) keep one accumulator per
 //! (token, row) pair and load each weight vector once per tile.
@@ -18,9 +18,9 @@
 
 use std::arch::x86_64::*;
 
-use super::{prefetch, MatRef, WeightsRef};
+use super::{prefetch, Acts, MatRef, WeightsRef};
 use crate::dispatch::Isa;
-use crate::quant::QK;
+use crate::quant::{LANE as LANE_GROUP, QK};
 
 const LANES: usize = 8;
 /// Rows per tile.
@@ -143,12 +143,93 @@ unsafe fn block_scale(p: *const u8, lut: *const f32) -> __m256 {
     unsafe { _mm256_set1_ps(*lut.add((p as *const u16).read_unaligned() as usize)) }
 }
 
+/// The block's 32 weights as signed bytes: q8 `q`, q4 `nibble − 8`.
+///
+/// # Safety
+/// `p` points to one readable block of kind `Q`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weight_bytes<const Q: u8>(p: *const u8) -> __m256i {
+    // SAFETY: unaligned loads inside the block (q8: bytes 2..34, q4: bytes 2..18).
+    unsafe {
+        if Q == Q_8 {
+            _mm256_loadu_si256(p.add(2) as *const __m256i)
+        } else {
+            let b = _mm_loadu_si128(p.add(2) as *const __m128i);
+            let m = _mm_set1_epi8(0x0f);
+            let v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(b), m), _mm_and_si128(b, m));
+            _mm256_sub_epi8(v, _mm256_set1_epi8(8))
+        }
+    }
+}
+
+/// Integer dot products of `R` quantized rows with `T` tokens' quantized activations, a
+/// block at a time: per 32-bit lane (four weights) `v = Σ w·xq` exactly, through the sign
+/// trick (`pmaddubsw(|xq|, sign(w, xq))`, which cannot saturate as `|w|, |xq| ≤ 127`,
+/// then `pmaddwd` with ones), then `acc = fma(f32(v), dw · dx, acc)`; [`hsum`] at the end.
+/// The lanes hold the same integers as the AVX-512 VNNI kernel's.
+///
+/// # Safety
+/// Each `w[r]` points to `nb` readable blocks of kind `Q`; `q` to `T` rows of
+/// `cols = nb · 32` values, `ls` to `T` rows of `cols / 4` scales (at those strides); `lut`
+/// is [`super::f16_table`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn qdot_tile<const Q: u8, const R: usize, const T: usize>(
+    q: *const i8,
+    ls: *const f32,
+    cols: usize,
+    w: [*const u8; R],
+    nb: usize,
+    pf: usize,
+    lut: *const f32,
+) -> [[f32; R]; T] {
+    let bytes = if Q == Q_8 { Q8_BYTES } else { Q4_BYTES };
+    let g = cols / LANE_GROUP;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); R]; T];
+    for b in 0..nb {
+        let mut wv = [_mm256_setzero_si256(); R];
+        let mut sc = [_mm256_setzero_ps(); R];
+        // SAFETY: block b of every row; prefetches never fault.
+        unsafe {
+            for r in 0..R {
+                let p = w[r].add(b * bytes);
+                wv[r] = weight_bytes::<Q>(p);
+                sc[r] = block_scale(p, lut);
+                prefetch(w[r].wrapping_add(b * bytes + pf));
+            }
+        }
+        for t in 0..T {
+            // SAFETY: values b·32 .. b·32 + 32 of token t and scales b·8 .. b·8 + 8.
+            let (xq, dx) = unsafe {
+                (
+                    _mm256_loadu_si256(q.add(t * cols + b * QK) as *const __m256i),
+                    _mm256_loadu_ps(ls.add(t * g + b * (QK / LANE_GROUP))),
+                )
+            };
+            let ax = _mm256_abs_epi8(xq);
+            for r in 0..R {
+                let v = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[r], xq)), ones);
+                acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(sc[r], dx), acc[t][r]);
+            }
+        }
+    }
+    let mut out = [[0f32; R]; T];
+    for t in 0..T {
+        for r in 0..R {
+            out[t][r] = hsum(acc[t][r]);
+        }
+    }
+    out
+}
+
 /// # Safety
 /// As [`matmul_impl`]; `K` matches the weight type of `w`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tiles<const K: u8, const QUANT: bool>(
-    x: &[f32],
+pub(super) unsafe fn tiles<const K: u8, const QUANT: bool>(
+    x: Acts<'_>,
     n_tokens: usize,
     w: MatRef<'_>,
     y: &mut [f32],
@@ -158,7 +239,8 @@ unsafe fn tiles<const K: u8, const QUANT: bool>(
     let (base, unit_bytes, unit_elems) = raw(&w);
     let row_bytes = w.stride / unit_elems * unit_bytes;
     let nb = cols / QK;
-    let xp = x.as_ptr();
+    let g = cols / LANE_GROUP;
+    let xp = x.x.as_ptr();
     // Software prefetch distance: the rows PREFETCH_TILES tiles ahead (rows are too short
     // for the hardware prefetchers to ramp up on four interleaved streams). Dense rows get
     // one prefetch per 64 bytes; quantized rows one per block (measured faster than a
@@ -168,7 +250,8 @@ unsafe fn tiles<const K: u8, const QUANT: bool>(
     macro_rules! run {
         ($r:literal, $t:literal, $r0:expr, $t0:expr) => {{
             // SAFETY: rows r0 .. r0 + R <= rows start at base + r · row_bytes and hold cols
-            // elements (MatRef invariant); tokens t0 .. t0 + T <= n_tokens have cols f32 in x.
+            // elements (MatRef invariant); tokens t0 .. t0 + T <= n_tokens have cols f32 in x
+            // and, for quantized weights, cols values and cols / 4 scales (matmul asserts it).
             let out = unsafe {
                 let mut wp = [base; $r];
                 for i in 0..$r {
@@ -176,7 +259,8 @@ unsafe fn tiles<const K: u8, const QUANT: bool>(
                 }
                 let xt = xp.add($t0 * cols);
                 if QUANT {
-                    quant_tile::<K, $r, $t>(xt, cols, wp, nb, pf, lut)
+                    let (q, ls) = (x.q.as_ptr(), x.scales.as_ptr());
+                    qdot_tile::<K, $r, $t>(q.add($t0 * cols), ls.add($t0 * g), cols, wp, nb, pf, lut)
                 } else {
                     dense_tile::<K, $r, $t>(xt, cols, wp, cols, pf)
                 }

@@ -5,8 +5,9 @@
 //! * dense weights (f32 / bf16 / f16): one 16-lane accumulator, `acc = fma(x[c..c+16],
 //!   w[c..c+16], acc)` over the full chunks in column order, then the last `cols % 16`
 //!   columns as one zero-padded chunk, then [`hsum`];
-//! * quantized weights (q8 / q4, blocks of 32): per block `b = x0·q0`, `b = fma(x1, q1, b)`
-//!   over its two 16-element halves, then `acc = fma(b, d, acc)`; [`hsum`] at the end.
+//! * quantized weights (q8 / q4, blocks of 32): integer dot products with the activations
+//!   quantized to 8 bits ([`qdot_tile`], AVX-512 VNNI; the AVX2 kernel where VNNI is
+//!   missing), one 16-lane f32 accumulator over pairs of blocks; [`hsum`] at the end.
 //!
 //! Multi-token tiles (up to [`NR`] rows × [`NT`] tokens) keep one accumulator per
 //! (token, row) pair and load each weight vector once per tile.
@@ -17,9 +18,9 @@
 
 use std::arch::x86_64::*;
 
-use super::{prefetch, MatRef, WeightsRef};
+use super::{prefetch, Acts, MatRef, WeightsRef};
 use crate::dispatch::Isa;
-use crate::quant::QK;
+use crate::quant::{LANE, QK};
 
 const LANES: usize = 16;
 /// Rows per tile.
@@ -144,32 +145,156 @@ unsafe fn block_scale(p: *const u8, lut: *const f32) -> __m512 {
     unsafe { _mm512_set1_ps(*lut.add((p as *const u16).read_unaligned() as usize)) }
 }
 
+/// Whether the CPU has AVX-512 VNNI (`vpdpbusd`). Without it the AVX-512 path multiplies
+/// quantized weights with the AVX2 integer kernel (same integer lanes, 8-lane sums).
+fn has_vnni() -> bool {
+    is_x86_feature_detected!("avx512vnni")
+}
+
+/// The 64 weights of blocks `pa` and `pb` (a pair, or the same block twice for an odd last
+/// one) as unsigned bytes: q8 `q + 128`, q4 the stored nibble `q + 8`.
+///
+/// # Safety
+/// `pa` and `pb` point to readable blocks of kind `Q`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn weight_bytes<const Q: u8>(pa: *const u8, pb: *const u8) -> __m512i {
+    // SAFETY: unaligned loads inside the two blocks (q8: bytes 2..34, q4: bytes 2..18).
+    unsafe {
+        if Q == Q_8 {
+            let lo = _mm256_loadu_si256(pa.add(2) as *const __m256i);
+            let hi = _mm256_loadu_si256(pb.add(2) as *const __m256i);
+            let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            _mm512_xor_si512(v, _mm512_set1_epi8(i8::MIN))
+        } else {
+            // 128-bit lanes [a, a, b, b]; lanes 1 and 3 shifted right by 4 (the high
+            // nibbles, elements 16..32 of their block), then every byte masked to 4 bits.
+            let a = _mm_loadu_si128(pa.add(2) as *const __m128i);
+            let b = _mm_loadu_si128(pb.add(2) as *const __m128i);
+            let v = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_set_m128i(a, a)),
+                _mm256_set_m128i(b, b),
+            );
+            let v = _mm512_mask_srli_epi16::<4>(v, 0xFF00_FF00, v);
+            _mm512_and_si512(v, _mm512_set1_epi8(0x0f))
+        }
+    }
+}
+
+/// The scales of blocks `pa` (lanes 0..8) and `pb` (lanes 8..16) as f32.
+///
+/// # Safety
+/// `pa` and `pb` point to readable blocks (the scale is their first two bytes).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn pair_scales(pa: *const u8, pb: *const u8) -> __m512 {
+    // SAFETY: two-byte unaligned reads at the start of readable blocks.
+    unsafe {
+        let a = _mm256_set1_epi16((pa as *const i16).read_unaligned());
+        let b = _mm256_set1_epi16((pb as *const i16).read_unaligned());
+        _mm512_cvtph_ps(_mm256_blend_epi32::<0xF0>(a, b))
+    }
+}
+
+/// Integer dot products of `R` quantized rows with `T` tokens' quantized activations, two
+/// blocks (64 weights) a step: weights as unsigned bytes ([`weight_bytes`]); per 32-bit lane
+/// (four weights) `v = vpdpbusd(off, w, xq)` starting from the offset correction
+/// `off = −128·Σxq` (q8) or `−8·Σxq` (q4), which is exact; then
+/// `acc = fma(f32(v), dw · dx, acc)` with lanes 0..8 from the first block, 8..16 from the
+/// second. An odd last block runs with the second half of the activations masked to zero.
+///
+/// # Safety
+/// Each `w[r]` points to `nb` readable blocks of kind `Q`; `q` to `T` rows of `cols = nb · 32`
+/// values, `ns` and `ls` to `T` rows of `cols / 4` (all at those strides).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512vnni")]
+unsafe fn qdot_tile<const Q: u8, const R: usize, const T: usize>(
+    q: *const i8,
+    ns: *const i32,
+    ls: *const f32,
+    cols: usize,
+    w: [*const u8; R],
+    nb: usize,
+    pf: usize,
+) -> [[f32; R]; T] {
+    let bytes = if Q == Q_8 { Q8_BYTES } else { Q4_BYTES };
+    let g = cols / LANE;
+    let mut acc = [[_mm512_setzero_ps(); R]; T];
+    let mut b = 0;
+    while b < nb {
+        let pair = b + 1 < nb;
+        let mut wv = [_mm512_setzero_si512(); R];
+        let mut sc = [_mm512_setzero_ps(); R];
+        // SAFETY: blocks b (and b + 1 when `pair`) of every row; prefetches never fault.
+        unsafe {
+            for r in 0..R {
+                let pa = w[r].add(b * bytes);
+                let pb = if pair { pa.add(bytes) } else { pa };
+                wv[r] = weight_bytes::<Q>(pa, pb);
+                sc[r] = pair_scales(pa, pb);
+                prefetch(w[r].wrapping_add(b * bytes + pf));
+                prefetch(w[r].wrapping_add((b + 1) * bytes + pf));
+            }
+        }
+        // An odd last block: only its 32 values, 8 sums and 8 scales (the rest zero).
+        let (m8, m16): (u64, u16) = if pair { (!0, !0) } else { (0xFFFF_FFFF, 0x00FF) };
+        for t in 0..T {
+            // SAFETY: values b·32 .. b·32 + 64 (or + 32, masked) of token t, and groups
+            // b·8 .. b·8 + 16 (or + 8) of its sums and scales; masked-off lanes are not read.
+            let (xq, off, dx) = unsafe {
+                let xq = _mm512_maskz_loadu_epi8(m8, q.add(t * cols + b * QK));
+                let n = _mm512_maskz_loadu_epi32(m16, ns.add(t * g + b * (QK / LANE)));
+                let off = if Q == Q_8 { _mm512_slli_epi32::<7>(n) } else { _mm512_slli_epi32::<3>(n) };
+                (xq, off, _mm512_maskz_loadu_ps(m16, ls.add(t * g + b * (QK / LANE))))
+            };
+            for r in 0..R {
+                let v = _mm512_dpbusd_epi32(off, wv[r], xq);
+                acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(sc[r], dx), acc[t][r]);
+            }
+        }
+        b += 2;
+    }
+    let mut out = [[0f32; R]; T];
+    for t in 0..T {
+        for r in 0..R {
+            out[t][r] = hsum(acc[t][r]);
+        }
+    }
+    out
+}
+
 /// # Safety
 /// As [`matmul_impl`]; `K` matches the weight type of `w`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn tiles<const K: u8, const QUANT: bool>(
-    x: &[f32],
+    x: Acts<'_>,
     n_tokens: usize,
     w: MatRef<'_>,
     y: &mut [f32],
     y_stride: usize,
 ) {
+    if QUANT && !has_vnni() {
+        // SAFETY: AVX-512 implies AVX2/FMA/F16C (dispatch checks both); same contract.
+        return unsafe { super::avx2::tiles::<K, true>(x, n_tokens, w, y, y_stride) };
+    }
     let (rows, cols) = (w.rows, w.cols);
     let (base, unit_bytes, unit_elems) = raw(&w);
     let row_bytes = w.stride / unit_elems * unit_bytes;
     let nb = cols / QK;
-    let xp = x.as_ptr();
+    let g = cols / LANE;
+    let xp = x.x.as_ptr();
     // Software prefetch distance: the rows PREFETCH_TILES tiles ahead (rows are too short
     // for the hardware prefetchers to ramp up on four interleaved streams). Dense rows get
     // one prefetch per 64 bytes; quantized rows one per block (measured faster than a
     // branch on line crossings).
     let pf = PREFETCH_TILES * NR * row_bytes;
-    let lut = super::f16_table().as_ptr();
     macro_rules! run {
         ($r:literal, $t:literal, $r0:expr, $t0:expr) => {{
             // SAFETY: rows r0 .. r0 + R <= rows start at base + r · row_bytes and hold cols
-            // elements (MatRef invariant); tokens t0 .. t0 + T <= n_tokens have cols f32 in x.
+            // elements (MatRef invariant); tokens t0 .. t0 + T <= n_tokens have cols f32 in x
+            // and, for quantized weights, cols values and cols / 4 sums and scales (matmul
+            // asserts it).
             let out = unsafe {
                 let mut wp = [base; $r];
                 for i in 0..$r {
@@ -177,7 +302,16 @@ unsafe fn tiles<const K: u8, const QUANT: bool>(
                 }
                 let xt = xp.add($t0 * cols);
                 if QUANT {
-                    quant_tile::<K, $r, $t>(xt, cols, wp, nb, pf, lut)
+                    let (q, ns, ls) = (x.q.as_ptr(), x.neg_sums.as_ptr(), x.scales.as_ptr());
+                    qdot_tile::<K, $r, $t>(
+                        q.add($t0 * cols),
+                        ns.add($t0 * g),
+                        ls.add($t0 * g),
+                        cols,
+                        wp,
+                        nb,
+                        pf,
+                    )
                 } else {
                     dense_tile::<K, $r, $t>(xt, cols, wp, cols, pf)
                 }

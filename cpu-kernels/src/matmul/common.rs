@@ -2,9 +2,10 @@
 //! [`simd_kernels`] with their target features and intrinsics. The generated code uses each
 //! module's own `LANES`, `NR`, `PREFETCH_TILES`, `hsum`, `load_dense`, `load_one`,
 //! `load_block`, `block_scale`, `prefetch`, `elem_bytes` and `tiles` (the loop over tiles,
-//! whose tile sizes differ).
+//! whose tile sizes differ, calling the module's own integer tile kernel `qdot_tile` for
+//! quantized weights).
 
-/// Defines, in the invoking ISA module: the tile kernels `dense_tile` and `quant_tile`,
+/// Defines, in the invoking ISA module: the dense tile kernel `dense_tile`,
 /// `raw`, `matmul` (with `matmul_impl`), `axpy_rows` (with `axpy_impl`, `axpy_dense`,
 /// `axpy_quant`) and the several-token `axpy` tiles.
 macro_rules! simd_kernels {
@@ -90,51 +91,6 @@ macro_rules! simd_kernels {
             out
         }
 
-        /// Dot products of `R` quantized rows with `T` tokens.
-        ///
-        /// # Safety
-        /// Each `w[r]` points to `nb` readable blocks of kind `Q`; `x` points to `T` rows of
-        /// `nb · 32` readable f32 at stride `xs`.
-        #[inline]
-        #[target_feature(enable = $feat)]
-        unsafe fn quant_tile<const Q: u8, const R: usize, const T: usize>(
-            x: *const f32,
-            xs: usize,
-            w: [*const u8; R],
-            nb: usize,
-            pf: usize,
-            lut: *const f32,
-        ) -> [[f32; R]; T] {
-            let bytes = if Q == Q_8 { Q8_BYTES } else { Q4_BYTES };
-            let mut acc = [[$setzero(); R]; T];
-            for b in 0..nb {
-                for r in 0..R {
-                    // SAFETY: block b < nb of row r, and columns b·32 .. b·32 + 32 of each token.
-                    unsafe {
-                        let p = w[r].add(b * bytes);
-                        let (_, q) = load_block::<Q>(p);
-                        let d = block_scale(p, lut);
-                        prefetch(w[r].wrapping_add(b * bytes + pf));
-                        for t in 0..T {
-                            let xp = x.add(t * xs + b * QK);
-                            let mut s = $mul($load(xp), q[0]);
-                            for k in 1..$nq {
-                                s = $fma($load(xp.add(LANES * k)), q[k], s);
-                            }
-                            acc[t][r] = $fma(s, d, acc[t][r]);
-                        }
-                    }
-                }
-            }
-            let mut out = [[0f32; R]; T];
-            for t in 0..T {
-                for r in 0..R {
-                    out[t][r] = hsum(acc[t][r]);
-                }
-            }
-            out
-        }
-
         /// Base pointer of the weights as bytes, and bytes per "unit" (element, or block for
         /// quantized data) together with elements per unit.
         fn raw(w: &MatRef<'_>) -> (*const u8, usize, usize) {
@@ -148,13 +104,20 @@ macro_rules! simd_kernels {
         }
 
         /// `y[t * y_stride + r] = x_t · W_r` for all `n_tokens` tokens and rows of `w`.
-        pub(super) fn matmul(x: &[f32], n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
+        pub(super) fn matmul(x: Acts<'_>, n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
             assert!($isa.is_supported(), $isa_msg);
             let (rows, cols) = (w.rows, w.cols);
             if rows == 0 || n_tokens == 0 {
                 return;
             }
-            assert!(x.len() >= n_tokens * cols, "x shorter than n_tokens * cols");
+            assert!(x.cols == cols && x.x.len() >= n_tokens * cols, "x is not [n_tokens, cols]");
+            if w.data.is_quantized() {
+                let g = n_tokens * cols / crate::quant::LANE;
+                assert!(
+                    x.q.len() >= n_tokens * cols && x.neg_sums.len() >= g && x.scales.len() >= g,
+                    "quantized activations missing"
+                );
+            }
             assert!(y_stride >= rows && y.len() >= (n_tokens - 1) * y_stride + rows, "y too short");
             // SAFETY: the CPU supports the features (asserted); shapes were asserted above and
             // MatRef guarantees (rows - 1) * stride + cols elements of data.
@@ -164,7 +127,7 @@ macro_rules! simd_kernels {
         /// # Safety
         /// The CPU features of this module are available; `x`, `y` sized as asserted in [`matmul`].
         #[target_feature(enable = $feat)]
-        unsafe fn matmul_impl(x: &[f32], n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
+        unsafe fn matmul_impl(x: Acts<'_>, n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
             // SAFETY: forwarded contract.
             unsafe {
                 match w.data {

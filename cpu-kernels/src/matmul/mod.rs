@@ -78,7 +78,7 @@ impl<'a> WeightsRef<'a> {
         }
     }
 
-    fn is_quantized(&self) -> bool {
+    pub(crate) fn is_quantized(&self) -> bool {
         matches!(self, WeightsRef::Q8(_) | WeightsRef::Q4(_))
     }
 }
@@ -194,6 +194,81 @@ const TOK_CHUNK: usize = 16;
 /// Below this many multiply-adds a call runs on the calling thread (no rayon fork).
 const MIN_PARALLEL_WORK: usize = 1 << 15;
 
+/// The activations a kernel reads: `n` f32 rows of `cols`, and, for quantized weights,
+/// their 8-bit quantization ([`crate::quant::quantize_acts`]): the kernels multiply q8 / q4
+/// weights with 8-bit activations in integer arithmetic, as llama.cpp does, which spends
+/// a fraction of the instructions per weight byte of dequantizing to f32.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Acts<'a> {
+    pub(crate) x: &'a [f32],
+    /// `[n, cols]` quantized values (empty for dense weights).
+    pub(crate) q: &'a [i8],
+    /// `[n, cols / 4]`: `-Σ q` per group of four.
+    pub(crate) neg_sums: &'a [i32],
+    /// `[n, cols / 4]`: the block scale of each group of four.
+    pub(crate) scales: &'a [f32],
+    pub(crate) cols: usize,
+}
+
+impl<'a> Acts<'a> {
+    /// Tokens `t0..t1`.
+    fn tokens(self, t0: usize, t1: usize) -> Acts<'a> {
+        let (c, g) = (self.cols, self.cols / crate::quant::LANE);
+        let quant = !self.q.is_empty();
+        Acts {
+            x: &self.x[t0 * c..t1 * c],
+            q: if quant { &self.q[t0 * c..t1 * c] } else { self.q },
+            neg_sums: if quant { &self.neg_sums[t0 * g..t1 * g] } else { self.neg_sums },
+            scales: if quant { &self.scales[t0 * g..t1 * g] } else { self.scales },
+            cols: c,
+        }
+    }
+}
+
+/// Buffers for the quantized activations of one call (per thread, reused across calls).
+#[derive(Default)]
+struct ActScratch {
+    q: Vec<i8>,
+    neg_sums: Vec<i32>,
+    scales: Vec<f32>,
+}
+
+thread_local! {
+    static ACT_SCRATCH: std::cell::RefCell<ActScratch> = std::cell::RefCell::new(ActScratch::default());
+}
+
+/// Runs `f` on `x` (`n_tokens` rows of `cols`) as the kernels of `w`'s format read it:
+/// quantized once here, in this thread's scratch (a fresh buffer if that is in use),
+/// when `w` is quantized.
+fn with_acts<R>(x: &[f32], cols: usize, w: &MatRef<'_>, f: impl FnOnce(Acts<'_>) -> R) -> R {
+    if !w.data.is_quantized() || x.is_empty() {
+        return f(Acts { x, q: &[], neg_sums: &[], scales: &[], cols });
+    }
+    let mut f = Some(f);
+    let mut out = None;
+    ACT_SCRATCH.with(|cell| {
+        if let Ok(mut s) = cell.try_borrow_mut() {
+            out = f.take().map(|f| quantized_acts(x, cols, &mut s, f));
+        }
+    });
+    match f {
+        // Re-entered on this thread (an inner call from a task of an outer one).
+        Some(f) => quantized_acts(x, cols, &mut ActScratch::default(), f),
+        None => out.expect("the scratch closure ran"),
+    }
+}
+
+/// Quantizes `x` into `s` and runs `f` on the result.
+fn quantized_acts<R>(x: &[f32], cols: usize, s: &mut ActScratch, f: impl FnOnce(Acts<'_>) -> R) -> R {
+    let g = x.len() / crate::quant::LANE;
+    s.q.resize(x.len(), 0);
+    s.neg_sums.resize(g, 0);
+    s.scales.resize(g, 0.0);
+    let (q, neg_sums, scales) = (&mut s.q[..x.len()], &mut s.neg_sums[..g], &mut s.scales[..g]);
+    crate::quant::quantize_acts(x, q, neg_sums, scales);
+    f(Acts { x, q, neg_sums, scales, cols })
+}
+
 /// `y[t, r] = Σ_c x[t, c] · W[r, c]` for every token `t` of `x` (`[n_tokens, cols]`),
 /// `y` is `[n_tokens, rows]`. Parallel over output rows on the current rayon pool.
 pub fn matmul(x: &[f32], w: MatRef<'_>, y: &mut [f32]) {
@@ -223,17 +298,19 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: MatRef<'_>, y: &mut [f32]) {
     let out = SyncPtr(y.as_mut_ptr());
     let rpt = rows_per_task(rows, n_tokens);
     let n_blocks = rows.div_ceil(rpt);
-    let block = |b: usize| {
-        let r0 = b * rpt;
-        let r1 = (r0 + rpt).min(rows);
-        // SAFETY: y is [n_tokens, rows] (asserted) and row blocks are disjoint.
-        unsafe { row_block(kernel, x, n_tokens, w, r0, r1, out, rows) };
-    };
-    if n_blocks == 1 || rows * w.cols * n_tokens < MIN_PARALLEL_WORK {
-        (0..n_blocks).for_each(block);
-    } else {
-        crate::parallel::for_each(n_blocks, block);
-    }
+    with_acts(x, w.cols, &w, |acts| {
+        let block = |b: usize| {
+            let r0 = b * rpt;
+            let r1 = (r0 + rpt).min(rows);
+            // SAFETY: y is [n_tokens, rows] (asserted) and row blocks are disjoint.
+            unsafe { row_block(kernel, acts, n_tokens, w, r0, r1, out, rows) };
+        };
+        if n_blocks == 1 || rows * w.cols * n_tokens < MIN_PARALLEL_WORK {
+            (0..n_blocks).for_each(block);
+        } else {
+            crate::parallel::for_each(n_blocks, block);
+        }
+    })
 }
 
 /// Computes rows `r0..r1` (at most [`ROWS_PER_TASK`] when `n_tokens > 1`) of `y = x · Wᵀ` for all tokens into
@@ -244,7 +321,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: MatRef<'_>, y: &mut [f32]) {
 /// and no one else accesses those elements during the call.
 unsafe fn row_block(
     kernel: Kernel,
-    x: &[f32],
+    x: Acts<'_>,
     n_tokens: usize,
     w: MatRef<'_>,
     r0: usize,
@@ -252,7 +329,6 @@ unsafe fn row_block(
     out: SyncPtr,
     out_stride: usize,
 ) {
-    let cols = w.cols;
     let wb = w.row_range(r0, r1);
     if n_tokens == 1 {
         // SAFETY: one token: out[r0..r1] is ours (caller contract).
@@ -265,7 +341,7 @@ unsafe fn row_block(
     let mut t0 = 0;
     while t0 < n_tokens {
         let nt = TOK_CHUNK.min(n_tokens - t0);
-        kernel(&x[t0 * cols..(t0 + nt) * cols], nt, wb, &mut local, ROWS_PER_TASK);
+        kernel(x.tokens(t0, t0 + nt), nt, wb, &mut local, ROWS_PER_TASK);
         for t in 0..nt {
             // SAFETY: out[(t0 + t) * out_stride + r0 .. + (r1 - r0)] is ours (caller
             // contract); `local` is a distinct stack buffer.
@@ -327,34 +403,36 @@ pub(crate) fn swiglu_with(
     let (gp, up_) = (SyncPtr(g.as_mut_ptr()), SyncPtr(u.as_mut_ptr()));
     let n_blocks = ffn.div_ceil(AXPY_ROWS_PER_TASK);
     let part = n_tokens * hidden;
-    with_block_sums(n_blocks * part, |sums| {
-        let block = |b: usize, p: &mut [f32]| {
-            let j0 = b * AXPY_ROWS_PER_TASK;
-            let j1 = (j0 + AXPY_ROWS_PER_TASK).min(ffn);
-            // SAFETY: g and u are [n_tokens, ffn] (asserted), distinct, and blocks are
-            // disjoint, so this task alone writes and then reads columns j0..j1 of each.
-            unsafe {
-                // Alternate gate and up in short runs: in a row-column bundle gate row j and
-                // up row j are neighbours, so this walks the bundle nearly sequentially.
-                let mut s0 = j0;
-                while s0 < j1 {
-                    let s1 = (s0 + GATE_UP_RUN).min(j1);
-                    row_block(kernel, x, n_tokens, gate, s0, s1, gp, ffn);
-                    row_block(kernel, x, n_tokens, up, s0, s1, up_, ffn);
-                    s0 = s1;
+    with_acts(x, hidden, &gate, |x| {
+        with_block_sums(n_blocks * part, |sums| {
+            let block = |b: usize, p: &mut [f32]| {
+                let j0 = b * AXPY_ROWS_PER_TASK;
+                let j1 = (j0 + AXPY_ROWS_PER_TASK).min(ffn);
+                // SAFETY: g and u are [n_tokens, ffn] (asserted), distinct, and blocks are
+                // disjoint, so this task alone writes and then reads columns j0..j1 of each.
+                unsafe {
+                    // Alternate gate and up in short runs: in a row-column bundle gate row j and
+                    // up row j are neighbours, so this walks the bundle nearly sequentially.
+                    let mut s0 = j0;
+                    while s0 < j1 {
+                        let s1 = (s0 + GATE_UP_RUN).min(j1);
+                        row_block(kernel, x, n_tokens, gate, s0, s1, gp, ffn);
+                        row_block(kernel, x, n_tokens, up, s0, s1, up_, ffn);
+                        s0 = s1;
+                    }
+                    for t in 0..n_tokens {
+                        let gs = std::slice::from_raw_parts_mut(gp.ptr().add(t * ffn + j0), j1 - j0);
+                        let us = std::slice::from_raw_parts(up_.ptr().add(t * ffn + j0), j1 - j0);
+                        crate::activation::silu_mul(gs, us);
+                    }
+                    let gb = std::slice::from_raw_parts(gp.ptr().add(j0), (n_tokens - 1) * ffn + (j1 - j0));
+                    p.fill(0.0);
+                    axpy(gb, ffn, n_tokens, down_t.row_range(j0, j1), p);
                 }
-                for t in 0..n_tokens {
-                    let gs = std::slice::from_raw_parts_mut(gp.ptr().add(t * ffn + j0), j1 - j0);
-                    let us = std::slice::from_raw_parts(up_.ptr().add(t * ffn + j0), j1 - j0);
-                    crate::activation::silu_mul(gs, us);
-                }
-                let gb = std::slice::from_raw_parts(gp.ptr().add(j0), (n_tokens - 1) * ffn + (j1 - j0));
-                p.fill(0.0);
-                axpy(gb, ffn, n_tokens, down_t.row_range(j0, j1), p);
-            }
-        };
-        for_each_part(sums, part, 3 * ffn * hidden * n_tokens >= MIN_PARALLEL_WORK, block);
-        add_block_sums(sums, part, out);
+            };
+            for_each_part(sums, part, 3 * ffn * hidden * n_tokens >= MIN_PARALLEL_WORK, block);
+            add_block_sums(sums, part, out);
+        })
     });
 }
 
@@ -376,7 +454,7 @@ fn f16_table() -> &'static [f32] {
 }
 
 /// A kernel for `n_tokens` tokens with `y` of stride `y_stride` per token.
-type Kernel = fn(&[f32], usize, MatRef<'_>, &mut [f32], usize);
+type Kernel = fn(Acts<'_>, usize, MatRef<'_>, &mut [f32], usize);
 
 fn select(isa: Isa) -> Kernel {
     assert!(isa.is_supported(), "ISA {} is not supported by this CPU", isa.name());
@@ -394,7 +472,8 @@ fn select(isa: Isa) -> Kernel {
 /// One dot product `Σ x[c] · w[c]` on the given ISA: the reduction every matmul output uses.
 pub fn dot_row(isa: Isa, x: &[f32], w: MatRef<'_>, r: usize) -> f32 {
     let mut y = [0f32];
-    select(isa)(x, 1, w.row_range(r, r + 1), &mut y, 1);
+    let row = w.row_range(r, r + 1);
+    with_acts(x, w.cols, &row, |acts| select(isa)(acts, 1, row, &mut y, 1));
     y[0]
 }
 
