@@ -34,6 +34,16 @@ impl Isa {
         }
     }
 
+    /// Columns per odd/even chunk of the bf16 matmul kernel (two vectors of f32 lanes), or
+    /// `None` where bf16 columns are read in order (scalar).
+    pub(crate) fn bf16_chunk(self) -> Option<usize> {
+        match self {
+            Isa::Scalar => None,
+            Isa::Avx2 => Some(16),
+            Isa::Avx512 => Some(32),
+        }
+    }
+
     /// Whether this CPU can run the ISA.
     pub fn is_supported(self) -> bool {
         match self {

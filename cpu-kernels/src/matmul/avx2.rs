@@ -70,6 +70,22 @@ unsafe fn load_dense<const DT: u8>(p: *const u8, i: usize) -> __m256 {
     }
 }
 
+/// bf16 weights `i .. i + 16` of `p` as f32: the odd elements, then the even ones (a
+/// bf16 is the high half of an f32, so the odd ones only need their low half cleared).
+///
+/// # Safety
+/// `p` must point to at least `i + 16` readable bf16.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_bf16_halves(p: *const u8, i: usize) -> (__m256, __m256) {
+    // SAFETY: the caller guarantees elements i..i+16 are readable; the load is unaligned.
+    unsafe {
+        let v = _mm256_loadu_si256((p as *const u16).add(i) as *const __m256i);
+        let odd = _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF_0000_u32 as i32));
+        (_mm256_castsi256_ps(odd), _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)))
+    }
+}
+
 /// Bytes per element of dense type `DT`.
 const fn elem_bytes<const DT: u8>() -> usize {
     if DT == DT_F32 {

@@ -74,6 +74,22 @@ unsafe fn load_dense<const DT: u8>(p: *const u8, i: usize) -> __m512 {
     }
 }
 
+/// bf16 weights `i .. i + 32` of `p` as f32: the odd elements, then the even ones (a
+/// bf16 is the high half of an f32, so the odd ones only need their low half cleared).
+///
+/// # Safety
+/// `p` must point to at least `i + 32` readable bf16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn load_bf16_halves(p: *const u8, i: usize) -> (__m512, __m512) {
+    // SAFETY: the caller guarantees elements i..i+32 are readable; the load is unaligned.
+    unsafe {
+        let v = _mm512_loadu_si512((p as *const u16).add(i) as *const __m512i);
+        let odd = _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF_0000_u32 as i32));
+        (_mm512_castsi512_ps(odd), _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)))
+    }
+}
+
 /// Bytes per element of dense type `DT`.
 const fn elem_bytes<const DT: u8>() -> usize {
     if DT == DT_F32 {

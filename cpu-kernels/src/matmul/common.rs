@@ -38,6 +38,34 @@ macro_rules! simd_kernels {
             let mut acc = [[$setzero(); R]; T];
             let full = cols / LANES * LANES;
             let mut c = 0;
+            if DT == DT_BF16 {
+                // Chunks of 2 · LANES columns split into odd and even halves (`x` arrives in
+                // that order, see `Acts`): one load, one AND and one shift per chunk and row.
+                let full2 = cols / (2 * LANES) * (2 * LANES);
+                // SAFETY: c + 2 · LANES <= full2 <= cols, within every row and token.
+                unsafe {
+                    while c < full2 {
+                        let line = (2 * c).is_multiple_of(64);
+                        let mut wo = [$setzero(); R];
+                        let mut we = [$setzero(); R];
+                        for r in 0..R {
+                            (wo[r], we[r]) = load_bf16_halves(w[r], c);
+                            if line {
+                                prefetch(w[r].wrapping_add(2 * c + pf));
+                            }
+                        }
+                        for t in 0..T {
+                            let xo = $load(x.add(t * xs + c));
+                            let xe = $load(x.add(t * xs + c + LANES));
+                            for r in 0..R {
+                                acc[t][r] = $fma(xo, wo[r], acc[t][r]);
+                                acc[t][r] = $fma(xe, we[r], acc[t][r]);
+                            }
+                        }
+                        c += 2 * LANES;
+                    }
+                }
+            }
             // SAFETY: c + LANES <= full <= cols, within every row and every token (caller contract).
             unsafe {
                 while c < full {

@@ -194,14 +194,22 @@ const TOK_CHUNK: usize = 16;
 /// Below this many multiply-adds a call runs on the calling thread (no rayon fork).
 const MIN_PARALLEL_WORK: usize = 1 << 15;
 
-/// The activations a kernel reads: `n` f32 rows of `cols`, and, for quantized weights,
-/// their 8-bit quantization ([`crate::quant::quantize_acts`]): the kernels multiply q8 / q4
-/// weights with 8-bit activations in integer arithmetic, as llama.cpp does, which spends
-/// a fraction of the instructions per weight byte of dequantizing to f32.
+/// The activations a kernel reads: `n` rows of `cols`, prepared once per call for the
+/// weights' format and the ISA ([`with_acts`]).
+///
+/// * bf16 weights (SIMD): `x` with each chunk of `2 · lanes` columns reordered as its odd
+///   columns, then its even ones: the kernels split a chunk of bf16 weights into odd and
+///   even halves with one AND and one shift (the high half of each 32-bit word already is
+///   an f32), instead of widening every element. Columns after the last full chunk stay in
+///   place.
+/// * q8 / q4 weights: `x` and its 8-bit quantization ([`crate::quant::quantize_acts`]): the
+///   kernels multiply the weights with 8-bit activations in integers, as llama.cpp does,
+///   which spends a fraction of the instructions per weight byte of dequantizing to f32;
+/// * otherwise `x` as given.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Acts<'a> {
     pub(crate) x: &'a [f32],
-    /// `[n, cols]` quantized values (empty for dense weights).
+    /// `[n, cols]` quantized values (quantized weights only).
     pub(crate) q: &'a [i8],
     /// `[n, cols / 4]`: `-Σ q` per group of four.
     pub(crate) neg_sums: &'a [i32],
@@ -214,20 +222,27 @@ impl<'a> Acts<'a> {
     /// Tokens `t0..t1`.
     fn tokens(self, t0: usize, t1: usize) -> Acts<'a> {
         let (c, g) = (self.cols, self.cols / crate::quant::LANE);
-        let quant = !self.q.is_empty();
+        fn part<T>(v: &[T], per: usize, t0: usize, t1: usize) -> &[T] {
+            if v.is_empty() {
+                v
+            } else {
+                &v[t0 * per..t1 * per]
+            }
+        }
         Acts {
-            x: &self.x[t0 * c..t1 * c],
-            q: if quant { &self.q[t0 * c..t1 * c] } else { self.q },
-            neg_sums: if quant { &self.neg_sums[t0 * g..t1 * g] } else { self.neg_sums },
-            scales: if quant { &self.scales[t0 * g..t1 * g] } else { self.scales },
+            x: part(self.x, c, t0, t1),
+            q: part(self.q, c, t0, t1),
+            neg_sums: part(self.neg_sums, g, t0, t1),
+            scales: part(self.scales, g, t0, t1),
             cols: c,
         }
     }
 }
 
-/// Buffers for the quantized activations of one call (per thread, reused across calls).
+/// Buffers for the prepared activations of one call (per thread, reused across calls).
 #[derive(Default)]
 struct ActScratch {
+    x: Vec<f32>,
     q: Vec<i8>,
     neg_sums: Vec<i32>,
     scales: Vec<f32>,
@@ -237,34 +252,67 @@ thread_local! {
     static ACT_SCRATCH: std::cell::RefCell<ActScratch> = std::cell::RefCell::new(ActScratch::default());
 }
 
-/// Runs `f` on `x` (`n_tokens` rows of `cols`) as the kernels of `w`'s format read it:
-/// quantized once here, in this thread's scratch (a fresh buffer if that is in use),
-/// when `w` is quantized.
-fn with_acts<R>(x: &[f32], cols: usize, w: &MatRef<'_>, f: impl FnOnce(Acts<'_>) -> R) -> R {
-    if !w.data.is_quantized() || x.is_empty() {
+/// How [`with_acts`] prepares activations.
+#[derive(Clone, Copy, PartialEq)]
+enum Prep {
+    /// Odd/even order in chunks of this many columns.
+    OddEven(usize),
+    Quantize,
+}
+
+/// Runs `f` on `x` (`n_tokens` rows of `cols`) as the `isa` kernels of `w`'s format read it
+/// ([`Acts`]), prepared here in this thread's scratch (a fresh buffer if that is in use).
+fn with_acts<R>(isa: Isa, x: &[f32], cols: usize, w: &MatRef<'_>, f: impl FnOnce(Acts<'_>) -> R) -> R {
+    let prep = match (w.data, isa.bf16_chunk()) {
+        (WeightsRef::Q8(_) | WeightsRef::Q4(_), _) => Prep::Quantize,
+        (WeightsRef::Bf16(_), Some(chunk)) if cols >= chunk => Prep::OddEven(chunk),
+        _ => return f(Acts { x, q: &[], neg_sums: &[], scales: &[], cols }),
+    };
+    if x.is_empty() {
         return f(Acts { x, q: &[], neg_sums: &[], scales: &[], cols });
     }
     let mut f = Some(f);
     let mut out = None;
     ACT_SCRATCH.with(|cell| {
         if let Ok(mut s) = cell.try_borrow_mut() {
-            out = f.take().map(|f| quantized_acts(x, cols, &mut s, f));
+            out = f.take().map(|f| prepared_acts(x, cols, prep, &mut s, f));
         }
     });
     match f {
         // Re-entered on this thread (an inner call from a task of an outer one).
-        Some(f) => quantized_acts(x, cols, &mut ActScratch::default(), f),
+        Some(f) => prepared_acts(x, cols, prep, &mut ActScratch::default(), f),
         None => out.expect("the scratch closure ran"),
     }
 }
 
-/// Quantizes `x` into `s` and runs `f` on the result.
-fn quantized_acts<R>(x: &[f32], cols: usize, s: &mut ActScratch, f: impl FnOnce(Acts<'_>) -> R) -> R {
-    let g = x.len() / crate::quant::LANE;
-    s.q.resize(x.len(), 0);
+/// Prepares `x` in `s` and runs `f` on it.
+fn prepared_acts<R>(
+    x: &[f32],
+    cols: usize,
+    prep: Prep,
+    s: &mut ActScratch,
+    f: impl FnOnce(Acts<'_>) -> R,
+) -> R {
+    let n = x.len();
+    if let Prep::OddEven(chunk) = prep {
+        s.x.resize(n, 0.0);
+        for (o, xt) in s.x[..n].chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
+            let full = cols / chunk * chunk;
+            for (oc, xc) in o[..full].chunks_exact_mut(chunk).zip(xt[..full].chunks_exact(chunk)) {
+                let (odd, even) = oc.split_at_mut(chunk / 2);
+                for i in 0..chunk / 2 {
+                    (odd[i], even[i]) = (xc[2 * i + 1], xc[2 * i]);
+                }
+            }
+            o[full..].copy_from_slice(&xt[full..]);
+        }
+        return f(Acts { x: &s.x[..n], q: &[], neg_sums: &[], scales: &[], cols });
+    }
+    let g = n / crate::quant::LANE;
+    s.q.resize(n, 0);
     s.neg_sums.resize(g, 0);
     s.scales.resize(g, 0.0);
-    let (q, neg_sums, scales) = (&mut s.q[..x.len()], &mut s.neg_sums[..g], &mut s.scales[..g]);
+    let (q, neg_sums, scales) = (&mut s.q[..n], &mut s.neg_sums[..g], &mut s.scales[..g]);
     crate::quant::quantize_acts(x, q, neg_sums, scales);
     f(Acts { x, q, neg_sums, scales, cols })
 }
@@ -298,7 +346,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: MatRef<'_>, y: &mut [f32]) {
     let out = SyncPtr(y.as_mut_ptr());
     let rpt = rows_per_task(rows, n_tokens);
     let n_blocks = rows.div_ceil(rpt);
-    with_acts(x, w.cols, &w, |acts| {
+    with_acts(isa, x, w.cols, &w, |acts| {
         let block = |b: usize| {
             let r0 = b * rpt;
             let r1 = (r0 + rpt).min(rows);
@@ -403,7 +451,7 @@ pub(crate) fn swiglu_with(
     let (gp, up_) = (SyncPtr(g.as_mut_ptr()), SyncPtr(u.as_mut_ptr()));
     let n_blocks = ffn.div_ceil(AXPY_ROWS_PER_TASK);
     let part = n_tokens * hidden;
-    with_acts(x, hidden, &gate, |x| {
+    with_acts(isa, x, hidden, &gate, |x| {
         with_block_sums(n_blocks * part, |sums| {
             let block = |b: usize, p: &mut [f32]| {
                 let j0 = b * AXPY_ROWS_PER_TASK;
@@ -473,7 +521,7 @@ fn select(isa: Isa) -> Kernel {
 pub fn dot_row(isa: Isa, x: &[f32], w: MatRef<'_>, r: usize) -> f32 {
     let mut y = [0f32];
     let row = w.row_range(r, r + 1);
-    with_acts(x, w.cols, &row, |acts| select(isa)(acts, 1, row, &mut y, 1));
+    with_acts(isa, x, w.cols, &row, |acts| select(isa)(acts, 1, row, &mut y, 1));
     y[0]
 }
 
