@@ -64,19 +64,24 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
 
 /// A buffer's base pointer, shared by the items of one loop that each write their own
 /// disjoint part of the buffer (every use states which part is its item's).
-#[derive(Clone, Copy)]
-pub(crate) struct SyncPtr(pub(crate) *mut f32);
-impl SyncPtr {
+pub(crate) struct SyncPtr<T = f32>(pub(crate) *mut T);
+impl<T> SyncPtr<T> {
     /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    pub(crate) fn ptr(self) -> *mut f32 {
+    pub(crate) fn ptr(self) -> *mut T {
         self.0
     }
 }
+impl<T> Clone for SyncPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SyncPtr<T> {}
 // SAFETY: items only write disjoint ranges through it, while the buffer is exclusively
 // borrowed by the loop's caller.
-unsafe impl Send for SyncPtr {}
+unsafe impl<T> Send for SyncPtr<T> {}
 // SAFETY: as above; no two items touch the same element.
-unsafe impl Sync for SyncPtr {}
+unsafe impl<T> Sync for SyncPtr<T> {}
 
 /// A fixed set of worker threads that [`for_each`] uses while [`Team::install`]ed.
 pub struct Team {

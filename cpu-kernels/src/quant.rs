@@ -84,16 +84,20 @@ pub fn dequantize_q4(blocks: &[BlockQ4], out: &mut [f32]) {
 /// four adjacent byte products into one 32-bit lane).
 pub const LANE: usize = 4;
 
-/// Quantizes one row of activations for the integer dot products of q8 / q4 weights, the
-/// way llama.cpp pairs `Q8_0` activations with its weight formats: per block of [`QK`],
-/// `x ≈ dx · q` with `q ∈ [-127, 127]` and `dx = max|x| / 127` (an f32, not rounded to
-/// f16). For each group of [`LANE`] values it also writes `-Σ q` to `neg_sums` (the kernels
-/// that feed weights as unsigned bytes subtract their offset with it) and `dx` to
-/// `lane_scales` (so a kernel multiplies lanes by a vector load instead of building a
-/// broadcast per block).
+/// Quantizes activations for the integer dot products of q8 / q4 weights, the way
+/// llama.cpp pairs `Q8_0` activations with its weight formats: per block of [`QK`],
+/// `x ≈ dx · q` with `q = round_ties_even(x / dx)` (computed as `x · (1 / dx)`),
+/// `q ∈ [-127, 127]` and `dx = max|x| / 127` (an f32, not rounded to f16). For each group of
+/// [`LANE`] values it also writes `-Σ q` to `neg_sums` (the kernels that feed weights as
+/// unsigned bytes subtract their offset with it) and `dx` to `lane_scales` (so a kernel
+/// multiplies lanes by a vector load instead of building a broadcast per block).
 ///
 /// A block holding a NaN or an infinity gets a NaN scale, so the products it enters
 /// come out NaN, as with f32 activations, never a silently finite number.
+///
+/// Every operation is exact or correctly rounded elementwise, so the compiled variants
+/// (AVX-512, AVX2, baseline) give the same bits; the SIMD builds let the compiler
+/// vectorize the rounding, which the baseline x86-64 target can only call from libm.
 pub fn quantize_acts(x: &[f32], q: &mut [i8], neg_sums: &mut [i32], lane_scales: &mut [f32]) {
     assert!(
         x.len().is_multiple_of(QK)
@@ -102,14 +106,97 @@ pub fn quantize_acts(x: &[f32], q: &mut [i8], neg_sums: &mut [i32], lane_scales:
             && lane_scales.len() == x.len() / LANE,
         "quantize_acts: bad lengths"
     );
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::dispatch::Isa;
+        if Isa::Avx512.is_supported() {
+            // SAFETY: the CPU has the features (checked just above).
+            return unsafe { quantize_acts_avx512(x, q, neg_sums, lane_scales) };
+        }
+        if Isa::Avx2.is_supported() {
+            // SAFETY: as above.
+            return unsafe { quantize_acts_avx2(x, q, neg_sums, lane_scales) };
+        }
+    }
+    quantize_acts_impl(x, q, neg_sums, lane_scales)
+}
+
+/// [`quantize_acts_impl`] in AVX-512 intrinsics, operation for operation (max of |x|, the
+/// same scalar `d` and `1 / d`, multiply, round to nearest even, clamp, convert).
+///
+/// # Safety
+/// The CPU supports AVX-512 F/BW/VL; lengths as asserted by [`quantize_acts`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn quantize_acts_avx512(x: &[f32], q: &mut [i8], neg_sums: &mut [i32], lane_scales: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    let (ones8, ones16) = (_mm256_set1_epi8(1), _mm256_set1_epi16(1));
+    for b in 0..x.len() / QK {
+        // SAFETY: block b lies inside x, q (QK values each), neg_sums and lane_scales
+        // (QK / LANE each); all loads and stores are unaligned.
+        unsafe {
+            let p = x.as_ptr().add(b * QK);
+            let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            // v − v is 0 exactly when v is finite.
+            let zero = _mm512_setzero_ps();
+            let fin = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_sub_ps(v0, v0), zero)
+                & _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_sub_ps(v1, v1), zero);
+            let (d, id) = if fin != 0xFFFF {
+                (f32::NAN, 0.0)
+            } else if amax == 0.0 {
+                (0.0, 0.0)
+            } else {
+                let d = amax / 127.0;
+                (d, 1.0 / d)
+            };
+            let qp = q.as_mut_ptr().add(b * QK);
+            if fin != 0xFFFF {
+                // The scalar code gets NaN · 0 or 0 for every value here: all zeros.
+                _mm256_storeu_si256(qp as *mut __m256i, _mm256_setzero_si256());
+            } else {
+                let idv = _mm512_set1_ps(id);
+                const RNE: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+                let r0 = _mm512_roundscale_ps::<RNE>(_mm512_mul_ps(v0, idv));
+                let r1 = _mm512_roundscale_ps::<RNE>(_mm512_mul_ps(v1, idv));
+                let c0 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r0, lo), hi));
+                let c1 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r1, lo), hi));
+                _mm_storeu_si128(qp as *mut __m128i, _mm512_cvtepi32_epi8(c0));
+                _mm_storeu_si128(qp.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(c1));
+            }
+            // Sums of four: byte pairs (ones · q), then pairs of pairs, in order.
+            let qv = _mm256_loadu_si256(qp as *const __m256i);
+            let s4 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, qv), ones16);
+            let g = b * (QK / LANE);
+            _mm256_storeu_si256(
+                neg_sums.as_mut_ptr().add(g) as *mut __m256i,
+                _mm256_sub_epi32(_mm256_setzero_si256(), s4),
+            );
+            _mm256_storeu_ps(lane_scales.as_mut_ptr().add(g), _mm256_set1_ps(d));
+        }
+    }
+}
+
+/// # Safety
+/// The CPU supports AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_acts_avx2(x: &[f32], q: &mut [i8], neg_sums: &mut [i32], lane_scales: &mut [f32]) {
+    quantize_acts_impl(x, q, neg_sums, lane_scales)
+}
+
+#[inline(always)]
+fn quantize_acts_impl(x: &[f32], q: &mut [i8], neg_sums: &mut [i32], lane_scales: &mut [f32]) {
     for (((xs, qs), ns), ls) in x
         .chunks_exact(QK)
         .zip(q.chunks_exact_mut(QK))
         .zip(neg_sums.chunks_exact_mut(QK / LANE))
         .zip(lane_scales.chunks_exact_mut(QK / LANE))
     {
-        let amax = xs.iter().fold(0f32, |m, v| if v.abs() > m || v.is_nan() { v.abs() } else { m });
-        let (d, id) = if !amax.is_finite() {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let finite = xs.iter().fold(true, |f, v| f & v.is_finite());
+        let (d, id) = if !finite {
             (f32::NAN, 0.0)
         } else if amax == 0.0 {
             (0.0, 0.0)
@@ -118,7 +205,7 @@ pub fn quantize_acts(x: &[f32], q: &mut [i8], neg_sums: &mut [i32], lane_scales:
             (d, 1.0 / d)
         };
         for (qv, &v) in qs.iter_mut().zip(xs) {
-            *qv = (v * id).round().clamp(-127.0, 127.0) as i8;
+            *qv = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
         }
         for (n, g) in ns.iter_mut().zip(qs.chunks_exact(LANE)) {
             *n = -g.iter().map(|&v| v as i32).sum::<i32>();
@@ -204,5 +291,23 @@ mod tests {
             assert!(ls[..8].iter().all(|&v| v == 0.25 / 127.0), "{bad}: clean block");
             assert!(ls[8..].iter().all(|v| v.is_nan()), "{bad}");
         }
+    }
+
+    #[test]
+    fn activation_quantization_is_the_same_on_every_build() {
+        // Values on and near rounding ties (k + 0.5 steps), zeros, and a wide range.
+        let mut x: Vec<f32> = (0..4096).map(|i| ((i * 7919 % 2001) as f32 - 1000.0) / 997.0).collect();
+        for (i, v) in x.iter_mut().enumerate().step_by(7) {
+            *v = ((i % 255) as f32 - 127.0) / 2.0 * (1.0 / 127.0) * 127.0 / 127.0;
+        }
+        x[64..96].fill(0.0);
+        (x[200], x[300], x[400]) = (f32::NAN, f32::INFINITY, f32::NEG_INFINITY);
+        type Quantizer = fn(&[f32], &mut [i8], &mut [i32], &mut [f32]);
+        let run = |f: Quantizer| {
+            let (mut q, mut ns, mut ls) = (vec![0i8; 4096], vec![0i32; 1024], vec![0f32; 1024]);
+            f(&x, &mut q, &mut ns, &mut ls);
+            (q, ns, ls.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+        };
+        assert_eq!(run(quantize_acts), run(quantize_acts_impl));
     }
 }

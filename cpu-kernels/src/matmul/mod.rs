@@ -285,7 +285,10 @@ fn with_acts<R>(isa: Isa, x: &[f32], cols: usize, w: &MatRef<'_>, f: impl FnOnce
     }
 }
 
-/// Prepares `x` in `s` and runs `f` on it.
+/// Prepares `x` in `s` and runs `f` on it. Tokens are prepared in parallel when there
+/// are many (prefill), since every other thread waits for this: with a serial, scalar
+/// quantization, q8 prefill at 16 threads (lent H100 host) ran at half the speed of the
+/// float kernels it replaced.
 fn prepared_acts<R>(
     x: &[f32],
     cols: usize,
@@ -294,27 +297,63 @@ fn prepared_acts<R>(
     f: impl FnOnce(Acts<'_>) -> R,
 ) -> R {
     let n = x.len();
-    if let Prep::OddEven(chunk) = prep {
-        s.x.resize(n, 0.0);
-        for (o, xt) in s.x[..n].chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
-            let full = cols / chunk * chunk;
-            for (oc, xc) in o[..full].chunks_exact_mut(chunk).zip(xt[..full].chunks_exact(chunk)) {
-                let (odd, even) = oc.split_at_mut(chunk / 2);
-                for i in 0..chunk / 2 {
-                    (odd[i], even[i]) = (xc[2 * i + 1], xc[2 * i]);
-                }
-            }
-            o[full..].copy_from_slice(&xt[full..]);
+    let n_tokens = n / cols;
+    let g = cols / crate::quant::LANE;
+    match prep {
+        Prep::OddEven(_) => s.x.resize(n, 0.0),
+        Prep::Quantize => {
+            s.q.resize(n, 0);
+            s.neg_sums.resize(n_tokens * g, 0);
+            s.scales.resize(n_tokens * g, 0.0);
         }
-        return f(Acts { x: &s.x[..n], q: &[], neg_sums: &[], scales: &[], cols });
     }
-    let g = n / crate::quant::LANE;
-    s.q.resize(n, 0);
-    s.neg_sums.resize(g, 0);
-    s.scales.resize(g, 0.0);
-    let (q, neg_sums, scales) = (&mut s.q[..n], &mut s.neg_sums[..g], &mut s.scales[..g]);
-    crate::quant::quantize_acts(x, q, neg_sums, scales);
-    f(Acts { x, q, neg_sums, scales, cols })
+    let (xo, qo, no, so) = (
+        SyncPtr(s.x.as_mut_ptr()),
+        SyncPtr(s.q.as_mut_ptr()),
+        SyncPtr(s.neg_sums.as_mut_ptr()),
+        SyncPtr(s.scales.as_mut_ptr()),
+    );
+    let token = |t: usize| {
+        let xt = &x[t * cols..(t + 1) * cols];
+        // SAFETY: each token writes only its own row of the buffers, which were sized above
+        // for n_tokens rows and are exclusively borrowed (through `s`) for this call.
+        unsafe {
+            match prep {
+                Prep::OddEven(chunk) => {
+                    let o = std::slice::from_raw_parts_mut(xo.ptr().add(t * cols), cols);
+                    let full = cols / chunk * chunk;
+                    for (oc, xc) in o[..full].chunks_exact_mut(chunk).zip(xt[..full].chunks_exact(chunk)) {
+                        let (odd, even) = oc.split_at_mut(chunk / 2);
+                        for i in 0..chunk / 2 {
+                            (odd[i], even[i]) = (xc[2 * i + 1], xc[2 * i]);
+                        }
+                    }
+                    o[full..].copy_from_slice(&xt[full..]);
+                }
+                Prep::Quantize => crate::quant::quantize_acts(
+                    xt,
+                    std::slice::from_raw_parts_mut(qo.ptr().add(t * cols), cols),
+                    std::slice::from_raw_parts_mut(no.ptr().add(t * g), g),
+                    std::slice::from_raw_parts_mut(so.ptr().add(t * g), g),
+                ),
+            }
+        }
+    };
+    if n_tokens > 1 && n >= MIN_PARALLEL_WORK / 2 {
+        crate::parallel::for_each(n_tokens, token);
+    } else {
+        (0..n_tokens).for_each(token);
+    }
+    match prep {
+        Prep::OddEven(_) => f(Acts { x: &s.x[..n], q: &[], neg_sums: &[], scales: &[], cols }),
+        Prep::Quantize => f(Acts {
+            x,
+            q: &s.q[..n],
+            neg_sums: &s.neg_sums[..n_tokens * g],
+            scales: &s.scales[..n_tokens * g],
+            cols,
+        }),
+    }
 }
 
 /// `y[t, r] = Σ_c x[t, c] · W[r, c]` for every token `t` of `x` (`[n_tokens, cols]`),
