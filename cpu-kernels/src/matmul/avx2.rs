@@ -86,6 +86,53 @@ unsafe fn load_bf16_halves(p: *const u8, i: usize) -> (__m256, __m256) {
     }
 }
 
+/// Puts each full chunk of 16 values of `y[..n]` (`n` a multiple of 16) into odd/even order:
+/// its odd elements, then its even ones (the order [`load_bf16_halves`] gives weights in).
+///
+/// # Safety
+/// `y` points to `n` readable and writable f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn to_odd_even(y: *mut f32, n: usize) {
+    let mut c = 0;
+    while c < n {
+        // SAFETY: c + 16 <= n.
+        unsafe {
+            let (lo, hi) = (_mm256_loadu_ps(y.add(c)), _mm256_loadu_ps(y.add(c + 8)));
+            // Within 128-bit lanes: [lo1 lo3 hi1 hi3 | lo5 lo7 hi5 hi7]; then 64-bit order 0 2 1 3.
+            let odd = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
+                _mm256_shuffle_ps::<0b11_01_11_01>(lo, hi),
+            )));
+            let even = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
+                _mm256_shuffle_ps::<0b10_00_10_00>(lo, hi),
+            )));
+            _mm256_storeu_ps(y.add(c), odd);
+            _mm256_storeu_ps(y.add(c + 8), even);
+        }
+        c += 16;
+    }
+}
+
+/// Undoes [`to_odd_even`].
+///
+/// # Safety
+/// As [`to_odd_even`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn from_odd_even(y: *mut f32, n: usize) {
+    let mut c = 0;
+    while c < n {
+        // SAFETY: c + 16 <= n.
+        unsafe {
+            let (o, e) = (_mm256_loadu_ps(y.add(c)), _mm256_loadu_ps(y.add(c + 8)));
+            let (l, h) = (_mm256_unpacklo_ps(e, o), _mm256_unpackhi_ps(e, o));
+            _mm256_storeu_ps(y.add(c), _mm256_permute2f128_ps::<0x20>(l, h));
+            _mm256_storeu_ps(y.add(c + 8), _mm256_permute2f128_ps::<0x31>(l, h));
+        }
+        c += 16;
+    }
+}
+
 /// Bytes per element of dense type `DT`.
 const fn elem_bytes<const DT: u8>() -> usize {
     if DT == DT_F32 {

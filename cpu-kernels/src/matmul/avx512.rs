@@ -90,6 +90,50 @@ unsafe fn load_bf16_halves(p: *const u8, i: usize) -> (__m512, __m512) {
     }
 }
 
+/// Puts each full chunk of 32 values of `y[..n]` (`n` a multiple of 32) into odd/even order:
+/// its odd elements, then its even ones (the order [`load_bf16_halves`] gives weights in).
+///
+/// # Safety
+/// `y` points to `n` readable and writable f32.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn to_odd_even(y: *mut f32, n: usize) {
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let mut c = 0;
+    while c < n {
+        // SAFETY: c + 32 <= n.
+        unsafe {
+            let (lo, hi) = (_mm512_loadu_ps(y.add(c)), _mm512_loadu_ps(y.add(c + 16)));
+            _mm512_storeu_ps(y.add(c), _mm512_permutex2var_ps(lo, odd, hi));
+            _mm512_storeu_ps(y.add(c + 16), _mm512_permutex2var_ps(lo, even, hi));
+        }
+        c += 32;
+    }
+}
+
+/// Undoes [`to_odd_even`].
+///
+/// # Safety
+/// As [`to_odd_even`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn from_odd_even(y: *mut f32, n: usize) {
+    // Natural element 2i is even[i] (index 16 + i of the pair), 2i + 1 is odd[i] (index i).
+    let lo = _mm512_setr_epi32(16, 0, 17, 1, 18, 2, 19, 3, 20, 4, 21, 5, 22, 6, 23, 7);
+    let hi = _mm512_setr_epi32(24, 8, 25, 9, 26, 10, 27, 11, 28, 12, 29, 13, 30, 14, 31, 15);
+    let mut c = 0;
+    while c < n {
+        // SAFETY: c + 32 <= n.
+        unsafe {
+            let (o, e) = (_mm512_loadu_ps(y.add(c)), _mm512_loadu_ps(y.add(c + 16)));
+            _mm512_storeu_ps(y.add(c), _mm512_permutex2var_ps(o, lo, e));
+            _mm512_storeu_ps(y.add(c + 16), _mm512_permutex2var_ps(o, hi, e));
+        }
+        c += 32;
+    }
+}
+
 /// Bytes per element of dense type `DT`.
 const fn elem_bytes<const DT: u8>() -> usize {
     if DT == DT_F32 {

@@ -182,6 +182,9 @@ macro_rules! simd_kernels {
             // SAFETY: features present (asserted); `y` holds n_tokens rows of cols (asserted) and is
             // exclusively borrowed; quantized cols are multiples of 32 (MatRef invariant).
             unsafe {
+                if n_tokens == 1 && matches!(w.data, WeightsRef::Bf16(_)) && cols >= 2 * LANES {
+                    return axpy_bf16_one(a, w, yp);
+                }
                 match w.data {
                     WeightsRef::F32(_) => {
                         axpy_impl::<DT_F32, false>(a, a_stride, n_tokens, w, 0, cols, yp, cols)
@@ -196,6 +199,61 @@ macro_rules! simd_kernels {
                     WeightsRef::Q4(_) => axpy_impl::<Q_4, true>(a, a_stride, n_tokens, w, 0, cols, yp, cols),
                 }
             }
+        }
+
+        /// One token's `axpy` over bf16 rows: `y` is put in odd/even order per chunk of
+        /// 2 · LANES columns ([`to_odd_even`]), each row group's chunk split into odd and even
+        /// halves with one load, one AND and one shift ([`load_bf16_halves`]), then `y` is
+        /// put back. Per output element the same `fma(a[j], w[j], y)` for j ascending as
+        /// [`axpy_dense`] (bit-identical; only the lanes differ); the columns after the last
+        /// full chunk go through [`axpy_dense`].
+        ///
+        /// # Safety
+        /// CPU features present; `y` holds `w.cols` f32, exclusively ours; `a` holds `w.rows`
+        /// values; `w` is bf16.
+        #[target_feature(enable = $feat)]
+        unsafe fn axpy_bf16_one(a: &[f32], w: MatRef<'_>, y: *mut f32) {
+            let (rows, cols) = (w.rows, w.cols);
+            let (base, _, _) = raw(&w);
+            let row_bytes = 2 * w.stride;
+            let pf = 2 * AXPY_ROWS * row_bytes;
+            let full2 = cols / (2 * LANES) * (2 * LANES);
+            // SAFETY: y holds cols >= full2 values (caller).
+            unsafe { to_odd_even(y, full2) };
+            let mut j = 0;
+            while j < rows {
+                let nj = AXPY_ROWS.min(rows - j);
+                let mut wp = [base; AXPY_ROWS];
+                for i in 0..nj {
+                    // SAFETY: row j + i < rows lies inside the data (MatRef invariant).
+                    wp[i] = unsafe { base.add((j + i) * row_bytes) };
+                }
+                let at = &a[j..j + nj];
+                let mut c = 0;
+                // SAFETY: c + 2 · LANES <= full2 <= cols, inside every row and inside y.
+                unsafe {
+                    while c < full2 {
+                        let (mut yo, mut ye) = ($load(y.add(c)), $load(y.add(c + LANES)));
+                        let line = (2 * c).is_multiple_of(64);
+                        for (i, &p) in wp[..nj].iter().enumerate() {
+                            let (wo, we) = load_bf16_halves(p, c);
+                            let av = $set1(at[i]);
+                            yo = $fma(av, wo, yo);
+                            ye = $fma(av, we, ye);
+                            if line {
+                                prefetch(p.wrapping_add(2 * c + pf));
+                            }
+                        }
+                        $store(y.add(c), yo);
+                        $store(y.add(c + LANES), ye);
+                        c += 2 * LANES;
+                    }
+                    axpy_dense::<DT_BF16>(at, &wp[..nj], full2, cols, y, pf);
+                }
+                j += nj;
+            }
+            // SAFETY: as above.
+            unsafe { from_odd_even(y, full2) };
         }
 
         /// Rows of W processed together (each output still sums j in ascending order).
