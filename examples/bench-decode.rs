@@ -11,7 +11,8 @@
 //!
 //! Make the model with `make-model --preset mixtral-bench --out /tmp/mixtral-bench` and the
 //! store with `repack --model /tmp/mixtral-bench --out STORE`. Prints a summary on stderr
-//! and one JSON line on stdout.
+//! and one JSON line on stdout; the in-memory figures are medians of `--repeat` runs (3),
+//! each run's figures in `prefill_tok_s_runs` / `decode_tok_s_runs`.
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -61,6 +62,17 @@ struct Args {
     window: usize,
     #[arg(long, default_value_t = 2)]
     loader_threads: usize,
+    /// Timed in-memory runs (prefill + decode each); the medians are reported. These
+    /// machines drift by ±10% within minutes, so one run says little.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+}
+
+/// The median of `v` (the upper one of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
 }
 
 struct Run {
@@ -113,22 +125,38 @@ fn main() -> Result<()> {
     run(&engine, &prompt, 2)?;
     let probe = || hetmoe::cpu_kernels::bandwidth::measure_read_bandwidth(args.probe_bytes, args.threads);
     let bw_before = probe();
-    let ram = run(&engine, &prompt, args.gen_len)?;
+    let runs =
+        (0..args.repeat.max(1)).map(|_| run(&engine, &prompt, args.gen_len)).collect::<Result<Vec<_>>>()?;
     let bw_after = probe();
     let mem_bw_gbs = bw_before.max(bw_after);
+    let decode_all: Vec<f64> = runs.iter().map(|r| r.decode_tok_s).collect();
+    let prefill_all: Vec<f64> = runs.iter().map(|r| r.prefill_tok_s).collect();
+    let ram = Run {
+        prefill_tok_s: median(&prefill_all),
+        decode_tok_s: median(&decode_all),
+        decode_steps: runs[0].decode_steps,
+    };
     let bytes_per_token =
         (0..ram.decode_steps).map(|i| engine.decode_bytes_per_token(args.prompt_len + i) as f64).sum::<f64>()
             / ram.decode_steps as f64;
     let roofline_tok_s = mem_bw_gbs * 1e9 / bytes_per_token;
     let fraction = ram.decode_tok_s / roofline_tok_s;
+    let range = |v: &[f64]| {
+        let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        format!("{lo:.1}–{hi:.1}")
+    };
     eprintln!(
-        "{}: weights {}, {} threads | prefill {:.1} tok/s | decode {:.2} tok/s | {:.1} MB/token | \
-         bandwidth {:.2} GB/s (probes {:.2} / {:.2}) | roofline {:.2} tok/s | {:.1}% of roofline",
+        "{}: weights {}, {} threads | prefill {:.1} tok/s | decode {:.2} tok/s (medians of {} runs; \
+         prefill {}, decode {}) | {:.1} MB/token | bandwidth {:.2} GB/s (probes {:.2} / {:.2}) | \
+         roofline {:.2} tok/s | {:.1}% of roofline",
         args.model.display(),
         args.weights,
         args.threads,
         ram.prefill_tok_s,
         ram.decode_tok_s,
+        runs.len(),
+        range(&prefill_all),
+        range(&decode_all),
         bytes_per_token / 1e6,
         mem_bw_gbs,
         bw_before,
@@ -145,6 +173,9 @@ fn main() -> Result<()> {
         "bytes_per_token": bytes_per_token.round() as u64,
         "mem_bw_gbs": mem_bw_gbs,
         "roofline_fraction": fraction,
+        "runs": runs.len(),
+        "prefill_tok_s_runs": prefill_all,
+        "decode_tok_s_runs": decode_all,
     });
 
     match args.offload.as_str() {
