@@ -394,6 +394,26 @@ fn expert_swiglu_invariants() {
     }
 }
 
+/// A NaN or infinite activation makes every output it enters NaN (or ±inf) on every ISA and
+/// format: quantizing activations for q8/q4 must not turn it into a finite number.
+#[test]
+fn non_finite_activations_are_not_hidden() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for dt in DTS {
+        let m = Mat::new(&mut rng, dt, 7, 96, 0, 0);
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut x = rand_vec(&mut rng, 2 * 96);
+            x[96 + 40] = bad; // token 1 only
+            for isa in Isa::all_supported() {
+                let mut y = vec![0f32; 2 * 7];
+                matmul_with(isa, &x, m.mat(), &mut y);
+                assert!(y[..7].iter().all(|v| v.is_finite()), "{isa:?} {dt:?} {bad}: clean token");
+                assert!(y[7..].iter().all(|v| !v.is_finite()), "{isa:?} {dt:?} {bad}: {:?}", &y[7..]);
+            }
+        }
+    }
+}
+
 #[test]
 fn unsupported_isa_is_refused() {
     for isa in [Isa::Avx2, Isa::Avx512] {
