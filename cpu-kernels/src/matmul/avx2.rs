@@ -160,32 +160,34 @@ unsafe fn load_one<const DT: u8>(p: *const u8, i: usize) -> f32 {
     }
 }
 
-/// The block's scale broadcast, and its 32 values (`q`, or `q − 8` for q4) as 4 vectors.
+/// The block's 32 weights dequantized, `d · q` (q4: `d · (q − 8)`), each rounded once, as
+/// 4 vectors.
 ///
 /// # Safety
-/// `p` points to one readable block of kind `Q`.
+/// `p` points to one readable block of kind `Q`; `lut` is [`super::f16_table`].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_block<const Q: u8>(p: *const u8) -> (__m256, [__m256; 4]) {
+unsafe fn dequant_block<const Q: u8>(p: *const u8, lut: *const f32) -> [__m256; 4] {
     // SAFETY: the block is readable (caller); all loads are unaligned and within it
     // (q8: 2 + 4·8 = 34 bytes; q4: 2 + 16 = 18 bytes).
     unsafe {
-        let d = _mm256_cvtph_ps(_mm_set1_epi16((p as *const i16).read_unaligned()));
+        let d = block_scale(p, lut);
         let qs = p.add(2);
-        if Q == Q_8 {
+        let q = if Q == Q_8 {
             let mut v = [_mm256_setzero_ps(); 4];
             for k in 0..4 {
                 let b = _mm_loadl_epi64(qs.add(8 * k) as *const __m128i);
                 v[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
             }
-            (d, v)
+            v
         } else {
             let b = _mm_loadu_si128(qs as *const __m128i);
             let m = _mm_set1_epi8(0x0f);
             let lo = _mm_and_si128(b, m);
             let hi = _mm_and_si128(_mm_srli_epi16::<4>(b), m);
-            (d, [nib8(lo), nib8(_mm_srli_si128::<8>(lo)), nib8(hi), nib8(_mm_srli_si128::<8>(hi))])
-        }
+            [nib8(lo), nib8(_mm_srli_si128::<8>(lo)), nib8(hi), nib8(_mm_srli_si128::<8>(hi))]
+        };
+        q.map(|v| _mm256_mul_ps(d, v))
     }
 }
 

@@ -161,29 +161,34 @@ unsafe fn load_one<const DT: u8>(p: *const u8, i: usize) -> f32 {
     }
 }
 
-/// The block's scale broadcast, and its 32 values (`q`, or `q − 8` for q4) as 2 vectors.
+/// The block's 32 weights dequantized, `d · q` (q4: `d · (q − 8)`), each rounded once, as
+/// 2 vectors.
 ///
 /// # Safety
-/// `p` points to one readable block of kind `Q`.
+/// `p` points to one readable block of kind `Q`; `lut` is [`super::f16_table`].
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn load_block<const Q: u8>(p: *const u8) -> (__m512, [__m512; 2]) {
+unsafe fn dequant_block<const Q: u8>(p: *const u8, lut: *const f32) -> [__m512; 2] {
     // SAFETY: the block is readable (caller); all loads are unaligned and within it
     // (q8: 2 + 2·16 = 34 bytes; q4: 2 + 16 = 18 bytes).
     unsafe {
-        let d = _mm512_cvtph_ps(_mm256_set1_epi16((p as *const i16).read_unaligned()));
+        let d = block_scale(p, lut);
         let qs = p.add(2);
         if Q == Q_8 {
             let lo = _mm_loadu_si128(qs as *const __m128i);
             let hi = _mm_loadu_si128(qs.add(16) as *const __m128i);
-            (d, [_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi))])
+            [
+                _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo))),
+                _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi))),
+            ]
         } else {
-            // Each byte widened to a dword; vpermps looks only at the low 4 bits of each
+            // The table scaled once per block (the same products d · (q − 8)), then looked up:
+            // each byte widened to a dword; vpermps looks only at the low 4 bits of each
             // index, so the low nibble indexes the table directly and the high nibble after a
-            // shift by 4: no masking, no integer→float conversion.
+            // shift by 4: no masking, no integer→float conversion, one multiply per block.
             let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs as *const __m128i));
-            let table = nibble_table();
-            (d, [_mm512_permutexvar_ps(b, table), _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), table)])
+            let table = _mm512_mul_ps(d, nibble_table());
+            [_mm512_permutexvar_ps(b, table), _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), table)]
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Kernel drivers written once for both SIMD widths: `avx2.rs` and `avx512.rs` instantiate
 //! [`simd_kernels`] with their target features and intrinsics. The generated code uses each
 //! module's own `LANES`, `NR`, `PREFETCH_TILES`, `hsum`, `load_dense`, `load_one`,
-//! `load_block`, `block_scale`, `prefetch`, `elem_bytes` and `tiles` (the loop over tiles,
+//! `dequant_block`, `prefetch`, `elem_bytes` and `tiles` (the loop over tiles,
 //! whose tile sizes differ, calling the module's own integer tile kernel `qdot_tile` for
 //! quantized weights).
 
@@ -410,12 +410,11 @@ macro_rules! simd_kernels {
                         yv[k] = $load(y.add(c + LANES * k));
                     }
                     for (i, &p) in wp.iter().enumerate() {
-                        let (_, q) = load_block::<Q>(p.add(c / QK * bytes));
-                        let d = block_scale(p.add(c / QK * bytes), lut);
+                        let w = dequant_block::<Q>(p.add(c / QK * bytes), lut);
                         prefetch(p.wrapping_add(c / QK * bytes + pf));
                         let av = $set1(a[i]);
                         for k in 0..$nq {
-                            yv[k] = $fma(av, $mul(d, q[k]), yv[k]);
+                            yv[k] = $fma(av, w[k], yv[k]);
                         }
                     }
                     for k in 0..$nq {
@@ -565,11 +564,10 @@ macro_rules! simd_kernels {
                         // AXPY_TILE >= n values and k + 32 <= n (multiples of 32).
                         unsafe {
                             let b = p.add((c + k) / QK * bytes);
-                            let (_, q) = load_block::<Q>(b);
-                            let d = block_scale(b, lut);
+                            let w = dequant_block::<Q>(b, lut);
                             prefetch(p.wrapping_add((c + k) / QK * bytes + pf));
                             for m in 0..$nq {
-                                $store(tile.as_mut_ptr().add(i * AXPY_TILE + k + LANES * m), $mul(d, q[m]));
+                                $store(tile.as_mut_ptr().add(i * AXPY_TILE + k + LANES * m), w[m]);
                             }
                         }
                         k += QK;
