@@ -143,14 +143,7 @@ unsafe fn quantize_acts_avx512(x: &[f32], q: &mut [i8], neg_sums: &mut [i32], la
             let zero = _mm512_setzero_ps();
             let fin = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_sub_ps(v0, v0), zero)
                 & _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_sub_ps(v1, v1), zero);
-            let (d, id) = if fin != 0xFFFF {
-                (f32::NAN, 0.0)
-            } else if amax == 0.0 {
-                (0.0, 0.0)
-            } else {
-                let d = amax / 127.0;
-                (d, 1.0 / d)
-            };
+            let (d, id) = act_scale(amax, fin == 0xFFFF);
             let qp = q.as_mut_ptr().add(b * QK);
             if fin != 0xFFFF {
                 // The scalar code gets NaN · 0 or 0 for every value here: all zeros.
@@ -186,6 +179,21 @@ unsafe fn quantize_acts_avx2(x: &[f32], q: &mut [i8], neg_sums: &mut [i32], lane
     quantize_acts_impl(x, q, neg_sums, lane_scales)
 }
 
+/// A block's scale `d` and the multiplier `1 / d` its values are quantized with, from its
+/// largest magnitude: NaN (and 0) for a block holding a NaN or an infinity, zeros for an
+/// all-zero block. Shared by every build of [`quantize_acts`], which must agree bit for bit.
+#[inline(always)]
+fn act_scale(amax: f32, finite: bool) -> (f32, f32) {
+    if !finite {
+        (f32::NAN, 0.0)
+    } else if amax == 0.0 {
+        (0.0, 0.0)
+    } else {
+        let d = amax / 127.0;
+        (d, 1.0 / d)
+    }
+}
+
 #[inline(always)]
 fn quantize_acts_impl(x: &[f32], q: &mut [i8], neg_sums: &mut [i32], lane_scales: &mut [f32]) {
     for (((xs, qs), ns), ls) in x
@@ -196,14 +204,7 @@ fn quantize_acts_impl(x: &[f32], q: &mut [i8], neg_sums: &mut [i32], lane_scales
     {
         let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
         let finite = xs.iter().fold(true, |f, v| f & v.is_finite());
-        let (d, id) = if !finite {
-            (f32::NAN, 0.0)
-        } else if amax == 0.0 {
-            (0.0, 0.0)
-        } else {
-            let d = amax / 127.0;
-            (d, 1.0 / d)
-        };
+        let (d, id) = act_scale(amax, finite);
         for (qv, &v) in qs.iter_mut().zip(xs) {
             *qv = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
         }

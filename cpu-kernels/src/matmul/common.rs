@@ -295,34 +295,19 @@ macro_rules! simd_kernels {
                 } else {
                     // SAFETY: as for the one-token calls below, for every token.
                     unsafe {
-                        if QUANT {
-                            axpy_quant_tokens::<K>(
-                                a,
-                                a_stride,
-                                j,
-                                n_tokens,
-                                &wp[..nj],
-                                c0,
-                                c1,
-                                y,
-                                y_stride,
-                                pf,
-                                lut,
-                            )
-                        } else {
-                            axpy_dense_tokens::<K>(
-                                a,
-                                a_stride,
-                                j,
-                                n_tokens,
-                                &wp[..nj],
-                                c0,
-                                c1,
-                                y,
-                                y_stride,
-                                pf,
-                            )
-                        }
+                        axpy_tokens::<K, QUANT>(
+                            a,
+                            a_stride,
+                            j,
+                            n_tokens,
+                            &wp[..nj],
+                            c0,
+                            c1,
+                            y,
+                            y_stride,
+                            pf,
+                            lut,
+                        )
                     }
                 };
                 if c_done == c1 {
@@ -484,62 +469,18 @@ macro_rules! simd_kernels {
             }
         }
 
-        /// [`axpy_dense`] for `n_tokens` tokens (`a` row t at `t * a_stride`, rows `j..` of it; `y`
-        /// row t at `t * y_stride`): each tile of the rows is converted to f32 once, then applied to
-        /// every token with the same operations per output element (bit-identical). Returns where
-        /// the full vectors end; the caller finishes the tail.
+        /// [`axpy_dense`] / [`axpy_quant`] for `n_tokens` tokens (`a` row t at `t * a_stride`,
+        /// rows `j..` of it; `y` row t at `t * y_stride`): each tile of the rows is converted or
+        /// dequantized to f32 once (`w = d · q`, rounded, as in [`axpy_quant`]), then applied to
+        /// every token with the same operations per output element (bit-identical). Returns
+        /// where the full vectors end (`c1` for quantized rows); the caller finishes the tail.
         ///
         /// # Safety
-        /// As [`axpy_dense`] for every token's `y` row; `a` as in [`apply_tile`].
+        /// As [`axpy_dense`] / [`axpy_quant`] for every token's `y` row; `a` as in [`apply_tile`].
         #[inline]
         #[target_feature(enable = $feat)]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn axpy_dense_tokens<const DT: u8>(
-            a: &[f32],
-            a_stride: usize,
-            j: usize,
-            n_tokens: usize,
-            wp: &[*const u8],
-            c0: usize,
-            c1: usize,
-            y: *mut f32,
-            y_stride: usize,
-            pf: usize,
-        ) -> usize {
-            let mut tile = [0f32; AXPY_ROWS * AXPY_TILE];
-            let end = c0 + (c1 - c0) / LANES * LANES;
-            let mut c = c0;
-            while c < end {
-                let n = AXPY_TILE.min(end - c);
-                for (i, &p) in wp.iter().enumerate() {
-                    let mut k = 0;
-                    while k < n {
-                        // SAFETY: c + k + LANES <= end <= c1, inside row i (caller); the tile row
-                        // holds AXPY_TILE >= n values.
-                        unsafe {
-                            $store(tile.as_mut_ptr().add(i * AXPY_TILE + k), load_dense::<DT>(p, c + k));
-                            prefetch(p.wrapping_add((c + k) * elem_bytes::<DT>() + pf));
-                        }
-                        k += LANES;
-                    }
-                }
-                // SAFETY: forwarded caller contract; n is a multiple of LANES.
-                unsafe { apply_tile(a, a_stride, j, wp.len(), n_tokens, &tile, c, n, y, y_stride) };
-                c += n;
-            }
-            end
-        }
-
-        /// [`axpy_quant`] for `n_tokens` tokens (layout as [`axpy_dense_tokens`]): each tile of the
-        /// rows is dequantized once (`w = d · q`, rounded, as in [`axpy_quant`]) and applied to
-        /// every token. Returns `c1`.
-        ///
-        /// # Safety
-        /// As [`axpy_quant`] for every token's `y` row; `a` as in [`apply_tile`].
-        #[inline]
-        #[target_feature(enable = $feat)]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn axpy_quant_tokens<const Q: u8>(
+        unsafe fn axpy_tokens<const K: u8, const QUANT: bool>(
             a: &[f32],
             a_stride: usize,
             j: usize,
@@ -552,32 +493,41 @@ macro_rules! simd_kernels {
             pf: usize,
             lut: *const f32,
         ) -> usize {
-            let bytes = if Q == Q_8 { Q8_BYTES } else { Q4_BYTES };
+            let bytes = if K == Q_8 { Q8_BYTES } else { Q4_BYTES };
+            // Columns converted per step: a block of quantized weights, a vector of dense ones.
+            let step = if QUANT { QK } else { LANES };
+            let end = c0 + (c1 - c0) / step * step;
             let mut tile = [0f32; AXPY_ROWS * AXPY_TILE];
             let mut c = c0;
-            while c < c1 {
-                let n = AXPY_TILE.min(c1 - c);
+            while c < end {
+                let n = AXPY_TILE.min(end - c);
                 for (i, &p) in wp.iter().enumerate() {
                     let mut k = 0;
                     while k < n {
-                        // SAFETY: block (c + k) / 32 < c1 / 32 of row i (caller); the tile row holds
-                        // AXPY_TILE >= n values and k + 32 <= n (multiples of 32).
+                        let t = tile[i * AXPY_TILE + k..].as_mut_ptr();
+                        // SAFETY: c + k + step <= end <= c1, inside row i (caller; quantized c0, c1
+                        // are block aligned); the tile row holds AXPY_TILE >= n >= k + step values.
                         unsafe {
-                            let b = p.add((c + k) / QK * bytes);
-                            let w = dequant_block::<Q>(b, lut);
-                            prefetch(p.wrapping_add((c + k) / QK * bytes + pf));
-                            for m in 0..$nq {
-                                $store(tile.as_mut_ptr().add(i * AXPY_TILE + k + LANES * m), w[m]);
+                            if QUANT {
+                                let b = p.add((c + k) / QK * bytes);
+                                let w = dequant_block::<K>(b, lut);
+                                prefetch(p.wrapping_add((c + k) / QK * bytes + pf));
+                                for m in 0..$nq {
+                                    $store(t.add(LANES * m), w[m]);
+                                }
+                            } else {
+                                $store(t, load_dense::<K>(p, c + k));
+                                prefetch(p.wrapping_add((c + k) * elem_bytes::<K>() + pf));
                             }
                         }
-                        k += QK;
+                        k += step;
                     }
                 }
-                // SAFETY: forwarded caller contract; n is a multiple of 32.
+                // SAFETY: forwarded caller contract; n is a multiple of LANES.
                 unsafe { apply_tile(a, a_stride, j, wp.len(), n_tokens, &tile, c, n, y, y_stride) };
                 c += n;
             }
-            c1
+            end
         }
     };
 }

@@ -253,7 +253,7 @@ thread_local! {
 }
 
 /// How [`with_acts`] prepares activations.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Prep {
     /// Odd/even order in chunks of this many columns.
     OddEven(usize),
