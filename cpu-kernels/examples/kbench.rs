@@ -104,6 +104,18 @@ fn main() {
                         line += &format!(" ax {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
                         note(format!("ax {name} n{n}"), g);
                     }
+                    if which.contains(&"es".to_string()) && n == 1 {
+                        // The engine's in-memory layout: gate, up and downᵀ as separate matrices.
+                        let g = rate(bytes, || {
+                            for m in set {
+                                let part = |i: usize| m.row_range(i * F, (i + 1) * F);
+                                let e = ExpertRef::new(part(0), part(1), part(2)).unwrap();
+                                expert_swiglu(&x[..n * H], e, &mut act, &mut out[..n * H]);
+                            }
+                        });
+                        line += &format!(" es {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
+                        note(format!("es {name} n{n}"), g);
+                    }
                     if which.contains(&"ex".to_string()) && n == 1 {
                         let g = rate(bytes, || {
                             for m in set {

@@ -6,9 +6,16 @@
 //! workers go to sleep after a few dozen yields, so nearly every loop paid a futex wake-up
 //! (tens of microseconds in a VM; measured ~50 context switches per token). A team's
 //! workers spin between loops for [`SPIN`] before parking, and the calling thread takes
-//! part in the work. Items are claimed from a shared counter; which thread runs an item
-//! never changes its result (kernels compute each output in one item). A loop publishes its
-//! job through atomics (no lock, no allocation); workers only take a mutex to park.
+//! part in the work. Which thread runs an item never changes its result (kernels compute
+//! each output in one item). A loop publishes its job through atomics (no lock, no
+//! allocation); workers only take a mutex to park.
+//!
+//! Items are split into one contiguous range per thread, claimed from the front in order,
+//! and a thread that runs out steals the back half of the largest range left. Kernel items
+//! are consecutive pieces of a weight matrix, so each thread streams one long run of memory
+//! (its prefetches run on into its own next item) instead of hopping between pieces handed
+//! out alternately from one counter; measured on this 2-core VM with 128-row `axpy` items:
+//! 6–12 % more bandwidth.
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
@@ -49,7 +56,7 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
     if n == 0 {
         return;
     }
-    if n == 1 || IN_LOOP.with(Cell::get) {
+    if n == 1 || n > u32::MAX as usize || IN_LOOP.with(Cell::get) {
         (0..n).for_each(f);
         return;
     }
@@ -83,6 +90,41 @@ unsafe impl<T> Send for SyncPtr<T> {}
 // SAFETY: as above; no two items touch the same element.
 unsafe impl<T> Sync for SyncPtr<T> {}
 
+/// One thread's items `lo..hi`, packed by [`pack`], on a cache line of its own (owners
+/// update theirs on every item).
+#[derive(Default)]
+#[repr(align(128))]
+struct Range(AtomicU64);
+
+impl Range {
+    /// The first item left, if any, removed from the range.
+    fn take_front(&self) -> Option<usize> {
+        let mut cur = self.0.load(Acquire);
+        loop {
+            let (lo, hi) = unpack(cur);
+            if lo >= hi {
+                return None;
+            }
+            match self.0.compare_exchange_weak(cur, pack(lo + 1, hi), AcqRel, Acquire) {
+                Ok(_) => return Some(lo as usize),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+fn pack(lo: u32, hi: u32) -> u64 {
+    lo as u64 | (hi as u64) << 32
+}
+/// [`pack`] of bounds known to fit in 32 bits ([`for_each`] runs larger loops serially).
+fn pack_u64(lo: u64, hi: u64) -> u64 {
+    debug_assert!(lo <= hi && hi <= u32::MAX as u64);
+    lo | hi << 32
+}
+fn unpack(v: u64) -> (u32, u32) {
+    (v as u32, (v >> 32) as u32)
+}
+
 /// A fixed set of worker threads that [`for_each`] uses while [`Team::install`]ed.
 pub struct Team {
     shared: Arc<Shared>,
@@ -113,8 +155,10 @@ struct Shared {
     /// The current epoch's job, on the caller's stack (null before the first): written
     /// before the epoch is bumped, read by workers after they see it. No lock per loop.
     job: AtomicPtr<Job>,
-    /// Next item to claim.
-    next: AtomicUsize,
+    /// Per thread (the caller is 0, worker i is i + 1): the items `lo..hi` it has yet to
+    /// claim, packed as `lo | hi << 32` so the owner (from the front) and thieves (the back
+    /// half) update it with one compare-and-swap.
+    ranges: Box<[Range]>,
     /// Workers that have not checked out of the current epoch.
     pending: AtomicUsize,
     stop: AtomicBool,
@@ -141,7 +185,7 @@ impl Team {
             workers,
             epoch: AtomicU64::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
-            next: AtomicUsize::new(0),
+            ranges: (0..=workers).map(|_| Range::default()).collect(),
             pending: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
@@ -153,8 +197,9 @@ impl Team {
         let mut handles = Vec::with_capacity(workers);
         for i in 0..workers {
             let s = Arc::clone(&shared);
-            let spawned =
-                std::thread::Builder::new().name(format!("hetmoe-compute-{}", i + 1)).spawn(move || s.work());
+            let spawned = std::thread::Builder::new()
+                .name(format!("hetmoe-compute-{}", i + 1))
+                .spawn(move || s.work(i + 1));
             match spawned {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -218,19 +263,53 @@ impl Drop for Team {
 }
 
 impl Shared {
-    /// Claims and runs items until none are left.
-    fn claim(&self, job: Job) {
+    /// Claims and runs items until none are left: this thread's range from the front, then
+    /// the back halves of others'.
+    fn claim(&self, me: usize, job: Job) {
         IN_LOOP.with(|c| c.set(true));
         loop {
-            let i = self.next.fetch_add(1, Relaxed);
-            if i >= job.n {
-                break;
-            }
+            let i = match self.ranges[me].take_front() {
+                Some(i) => i,
+                None => match self.steal(me) {
+                    Some(i) => i,
+                    None => break,
+                },
+            };
+            debug_assert!(i < job.n);
             // SAFETY: the caller of `run` keeps `f` alive until every worker has checked
             // out of this epoch, and this runs before the check-out.
             unsafe { (*job.f)(i) };
         }
         IN_LOOP.with(|c| c.set(false));
+    }
+
+    /// Moves the back half of the largest other range (rounded up: a last item too) into
+    /// this thread's own (empty) range and returns its first item; `None` when no items are
+    /// left to take.
+    fn steal(&self, me: usize) -> Option<usize> {
+        loop {
+            let (mut victim, mut most) = (None, 0);
+            for (v, r) in self.ranges.iter().enumerate() {
+                let (lo, hi) = unpack(r.0.load(Acquire));
+                if v != me && hi - lo > most {
+                    (victim, most) = (Some(v), hi - lo);
+                }
+            }
+            let v = victim?;
+            let cur = self.ranges[v].0.load(Acquire);
+            let (lo, hi) = unpack(cur);
+            if hi <= lo {
+                continue;
+            }
+            let mid = lo + (hi - lo) / 2;
+            if self.ranges[v].0.compare_exchange(cur, pack(lo, mid), AcqRel, Acquire).is_ok() {
+                // Our range is empty, so no thief can change it under us (their
+                // compare-and-swap expects a non-empty value; an empty one never becomes
+                // non-empty except here, by its owner).
+                self.ranges[me].0.store(pack(mid + 1, hi), Release);
+                return Some(mid as usize);
+            }
+        }
     }
 
     /// The caller's side: publish, work, wait for every worker to check out.
@@ -242,7 +321,12 @@ impl Shared {
         // Workers read `job` through this pointer until they check out, which `WaitAll`
         // waits for before this frame can end.
         self.job.store(&mut job, Relaxed);
-        self.next.store(0, Relaxed);
+        let parts = self.ranges.len() as u64;
+        let n32 = n as u64;
+        for (p, r) in self.ranges.iter().enumerate() {
+            let p = p as u64;
+            r.0.store(pack_u64(n32 * p / parts, n32 * (p + 1) / parts), Relaxed);
+        }
         self.pending.store(self.workers, SeqCst);
         self.epoch.fetch_add(1, SeqCst);
         if self.sleepers.load(SeqCst) > 0 {
@@ -265,7 +349,7 @@ impl Shared {
             }
         }
         let wait = WaitAll(self);
-        self.claim(job);
+        self.claim(0, job);
         drop(wait);
         if self.panicked.swap(false, Acquire) {
             if let Some(p) = self.panic.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -275,7 +359,7 @@ impl Shared {
     }
 
     /// A worker's loop: wait for an epoch (spin, then park), run its items, check out.
-    fn work(&self) {
+    fn work(&self, me: usize) {
         // Epoch 0 is the team's initial state: a job published before this thread started
         // is epoch 1, which it must not skip.
         let mut seen = 0;
@@ -304,7 +388,7 @@ impl Shared {
                 // store, seen by the Acquire load above) and stays alive until this worker
                 // checks out below.
                 let job = unsafe { *job };
-                if let Err(p) = catch_unwind(AssertUnwindSafe(|| self.claim(job))) {
+                if let Err(p) = catch_unwind(AssertUnwindSafe(|| self.claim(me, job))) {
                     IN_LOOP.with(|c| c.set(false));
                     self.panic.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(p);
                     self.panicked.store(true, Release);
@@ -342,6 +426,38 @@ mod tests {
             hits.fetch_add(1, Relaxed);
         });
         assert_eq!(hits.load(Relaxed), 100);
+    }
+
+    #[test]
+    fn slow_items_are_stolen_and_every_item_still_runs_once() {
+        // The first items (the caller's range) are slow, so the workers finish theirs and
+        // steal from it, and from each other, down to single items.
+        for threads in [2, 4] {
+            let team = Team::new(threads).unwrap();
+            for n in [2usize, 3, 17, 64] {
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                team.install(|| {
+                    for_each(n, |i| {
+                        if i < n / 2 {
+                            std::thread::sleep(Duration::from_micros(200));
+                        }
+                        hits[i].fetch_add(1, Relaxed);
+                    })
+                });
+                assert!(hits.iter().all(|h| h.load(Relaxed) == 1), "threads {threads} n {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn ranges_pack_and_split() {
+        assert_eq!(unpack(pack(3, 9)), (3, 9));
+        assert_eq!(unpack(pack_u64(0, u32::MAX as u64)), (0, u32::MAX));
+        let r = Range::default();
+        r.0.store(pack(5, 7), Relaxed);
+        assert_eq!(r.take_front(), Some(5));
+        assert_eq!(r.take_front(), Some(6));
+        assert_eq!(r.take_front(), None);
     }
 
     #[test]
