@@ -17,6 +17,8 @@ use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
 
 const H: usize = 1024;
 const F: usize = 3584;
+/// Bytes of each weight set; `KB_SET_MB` overrides it (e.g. `KB_SET_MB=1`: one matrix per
+/// format, which this machine's last-level cache holds: the kernels' speed without DRAM).
 const SET: usize = 1536 << 20;
 const PROBE: usize = 1 << 30;
 
@@ -52,9 +54,10 @@ fn main() {
     quantize_q8(&w, &mut q8);
     let mut q4 = vec![BlockQ4 { d: half::f16::ZERO, qs: [0; QK / 2] }; w.len() / QK];
     quantize_q4(&w, &mut q4);
-    let nb = SET / (wb.len() * 2);
-    let nq8 = SET / (q8.len() * 34);
-    let nq4 = SET / (q4.len() * 18);
+    let set = std::env::var("KB_SET_MB").ok().and_then(|v| v.parse::<usize>().ok()).map_or(SET, |mb| mb << 20);
+    let nb = (set / (wb.len() * 2)).max(1);
+    let nq8 = (set / (q8.len() * 34)).max(1);
+    let nq4 = (set / (q4.len() * 18)).max(1);
     let bsets: Vec<HugeBuf<bf16>> = (0..nb).map(|_| HugeBuf::from_slice(&wb)).collect();
     let q8sets: Vec<HugeBuf<BlockQ8>> = (0..nq8).map(|_| HugeBuf::from_slice(&q8)).collect();
     let q4sets: Vec<HugeBuf<BlockQ4>> = (0..nq4).map(|_| HugeBuf::from_slice(&q4)).collect();
