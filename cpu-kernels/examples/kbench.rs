@@ -54,7 +54,8 @@ fn main() {
     quantize_q8(&w, &mut q8);
     let mut q4 = vec![BlockQ4 { d: half::f16::ZERO, qs: [0; QK / 2] }; w.len() / QK];
     quantize_q4(&w, &mut q4);
-    let set = std::env::var("KB_SET_MB").ok().and_then(|v| v.parse::<usize>().ok()).map_or(SET, |mb| mb << 20);
+    let set =
+        std::env::var("KB_SET_MB").ok().and_then(|v| v.parse::<usize>().ok()).map_or(SET, |mb| mb << 20);
     let nb = (set / (wb.len() * 2)).max(1);
     let nq8 = (set / (q8.len() * 34)).max(1);
     let nq4 = (set / (q4.len() * 18)).max(1);
