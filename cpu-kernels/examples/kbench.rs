@@ -90,7 +90,7 @@ fn main() {
             for (name, set) in [("bf16", &vb), ("q8", &v8), ("q4", &v4)] {
                 let bytes: usize = set.iter().map(|m| m.size_bytes()).sum();
                 for n in [1usize, 8] {
-                    if which.contains(&"mv".to_string()) && (n == 1 || name != "q4") {
+                    if which.contains(&"mv".to_string()) {
                         let g = rate(bytes, || {
                             for m in set {
                                 matmul(&x[..n * H], *m, &mut y[..n * 3 * F]);

@@ -186,7 +186,7 @@ fn matmul_is_batch_and_tiling_invariant() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     for isa in Isa::all_supported() {
         for dt in DTS {
-            let (rows, cols) = if dt.quant() { (71, 96) } else { (71, 45) };
+            let (rows, cols) = if dt.quant() { (71, 224) } else { (71, 45) };
             let m = Mat::new(&mut rng, dt, rows, cols, 0, 1);
             let w = m.mat();
             let n = 21;

@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 
 use super::{prefetch, Acts, MatRef, WeightsRef};
 use crate::dispatch::Isa;
-use crate::quant::{LANE, QK};
+use crate::quant::{LANE, Q4_GROUP, QK};
 
 const LANES: usize = 16;
 /// Rows per tile.
@@ -214,7 +214,7 @@ unsafe fn block_scale(p: *const u8, lut: *const f32) -> __m512 {
 
 /// Whether the CPU has AVX-512 VNNI (`vpdpbusd`). Without it the AVX-512 path multiplies
 /// quantized weights with the AVX2 integer kernel (same integer lanes, 8-lane sums).
-fn has_vnni() -> bool {
+pub(super) fn has_vnni() -> bool {
     is_x86_feature_detected!("avx512vnni")
 }
 
@@ -245,6 +245,34 @@ unsafe fn weight_bytes<const Q: u8>(pa: *const u8, pb: *const u8) -> __m512i {
             let v = _mm512_mask_srli_epi16::<4>(v, 0xFF00_FF00, v);
             _mm512_and_si512(v, _mm512_set1_epi8(0x0f))
         }
+    }
+}
+
+/// Four q4 blocks at `p` (72 bytes): their stored nibbles, low ones (weights 0..16 of each
+/// block, 16 bytes a block in block order) and high ones (weights 16..32), and each block's
+/// scale in its four lanes (lanes 4k..4k + 4: block k).
+///
+/// # Safety
+/// `p` points to four readable q4 blocks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn q4_group(p: *const u8) -> (__m512i, __m512i, __m512) {
+    // SAFETY: the loads stay inside the 72 bytes: quants at 2 + 18k .. 18 + 18k, and the
+    // 64 bytes from p, which hold the scales at 18k (words 0, 9, 18, 27).
+    unsafe {
+        let v = _mm512_castsi128_si512(_mm_loadu_si128(p.add(2) as *const __m128i));
+        let v = _mm512_inserti32x4::<1>(v, _mm_loadu_si128(p.add(2 + Q4_BYTES) as *const __m128i));
+        let v = _mm512_inserti32x4::<2>(v, _mm_loadu_si128(p.add(2 + 2 * Q4_BYTES) as *const __m128i));
+        let v = _mm512_inserti32x4::<3>(v, _mm_loadu_si128(p.add(2 + 3 * Q4_BYTES) as *const __m128i));
+        let m = _mm512_set1_epi8(0x0f);
+        let idx =
+            _mm512_castsi256_si512(_mm256_setr_epi16(0, 0, 0, 0, 9, 9, 9, 9, 18, 18, 18, 18, 27, 27, 27, 27));
+        let words = _mm512_permutexvar_epi16(idx, _mm512_loadu_epi8(p as *const i8));
+        (
+            _mm512_and_si512(v, m),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(v), m),
+            _mm512_cvtph_ps(_mm512_castsi512_si256(words)),
+        )
     }
 }
 
@@ -288,6 +316,45 @@ unsafe fn qdot_tile<const Q: u8, const R: usize, const T: usize>(
     let g = cols / LANE;
     let mut acc = [[_mm512_setzero_ps(); R]; T];
     let mut b = 0;
+    if Q == Q_4 {
+        // Full groups of four blocks (activations grouped by `quant::group_q4_acts`): per
+        // 32-bit lane the four low-nibble and four high-nibble products of one block, both
+        // `vpdpbusd` into one sum, so one conversion and one FMA per 128 weights.
+        let g16 = QK / 2;
+        while b + Q4_GROUP <= nb {
+            let mut lo = [_mm512_setzero_si512(); R];
+            let mut hi = [_mm512_setzero_si512(); R];
+            let mut sc = [_mm512_setzero_ps(); R];
+            // SAFETY: blocks b .. b + 4 of every row; prefetches never fault.
+            unsafe {
+                for r in 0..R {
+                    let p = w[r].add(b * Q4_BYTES);
+                    (lo[r], hi[r], sc[r]) = q4_group(p);
+                    prefetch(w[r].wrapping_add(b * Q4_BYTES + pf));
+                    prefetch(w[r].wrapping_add(b * Q4_BYTES + pf + 64));
+                }
+            }
+            let lane = b / Q4_GROUP * g16;
+            for t in 0..T {
+                // SAFETY: values b·32 .. b·32 + 128 of token t, and its 16 grouped sums and
+                // scales at lane b / 4 · 16 (inside the group's own 32).
+                let (xl, xh, off, dx) = unsafe {
+                    let xq = q.add(t * cols + b * QK);
+                    (
+                        _mm512_loadu_epi8(xq),
+                        _mm512_loadu_epi8(xq.add(64)),
+                        _mm512_slli_epi32::<3>(_mm512_loadu_epi32(ns.add(t * g + lane))),
+                        _mm512_loadu_ps(ls.add(t * g + lane)),
+                    )
+                };
+                for r in 0..R {
+                    let v = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(off, lo[r], xl), hi[r], xh);
+                    acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(sc[r], dx), acc[t][r]);
+                }
+            }
+            b += Q4_GROUP;
+        }
+    }
     while b < nb {
         let pair = b + 1 < nb;
         let mut wv = [_mm512_setzero_si512(); R];

@@ -204,7 +204,8 @@ const MIN_PARALLEL_WORK: usize = 1 << 15;
 ///   place.
 /// * q8 / q4 weights: `x` and its 8-bit quantization ([`crate::quant::quantize_acts`]): the
 ///   kernels multiply the weights with 8-bit activations in integers, as llama.cpp does,
-///   which spends a fraction of the instructions per weight byte of dequantizing to f32;
+///   which spends a fraction of the instructions per weight byte of dequantizing to f32
+///   (q4 on AVX-512 VNNI: in groups of four blocks, [`crate::quant::group_q4_acts`]);
 /// * otherwise `x` as given.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Acts<'a> {
@@ -257,14 +258,30 @@ thread_local! {
 enum Prep {
     /// Odd/even order in chunks of this many columns.
     OddEven(usize),
-    Quantize,
+    /// Quantized ([`crate::quant::quantize_acts`]); with `true`, then put in groups of
+    /// four blocks ([`crate::quant::group_q4_acts`]) for the AVX-512 VNNI q4 kernel.
+    Quantize(bool),
+}
+
+/// Whether `isa`'s q4 kernel reads activations grouped ([`crate::quant::group_q4_acts`]).
+fn q4_grouped(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa == Isa::Avx512 && avx512::has_vnni()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        false
+    }
 }
 
 /// Runs `f` on `x` (`n_tokens` rows of `cols`) as the `isa` kernels of `w`'s format read it
 /// ([`Acts`]), prepared here in this thread's scratch (a fresh buffer if that is in use).
 fn with_acts<R>(isa: Isa, x: &[f32], cols: usize, w: &MatRef<'_>, f: impl FnOnce(Acts<'_>) -> R) -> R {
     let prep = match (w.data, isa.bf16_chunk()) {
-        (WeightsRef::Q8(_) | WeightsRef::Q4(_), _) => Prep::Quantize,
+        (WeightsRef::Q8(_), _) => Prep::Quantize(false),
+        (WeightsRef::Q4(_), _) => Prep::Quantize(q4_grouped(isa)),
         (WeightsRef::Bf16(_), Some(chunk)) if cols >= chunk => Prep::OddEven(chunk),
         _ => return f(Acts { x, q: &[], neg_sums: &[], scales: &[], cols }),
     };
@@ -301,7 +318,7 @@ fn prepared_acts<R>(
     let g = cols / crate::quant::LANE;
     match prep {
         Prep::OddEven(_) => s.x.resize(n, 0.0),
-        Prep::Quantize => {
+        Prep::Quantize(_) => {
             s.q.resize(n, 0);
             s.neg_sums.resize(n_tokens * g, 0);
             s.scales.resize(n_tokens * g, 0.0);
@@ -330,12 +347,15 @@ fn prepared_acts<R>(
                     }
                     o[full..].copy_from_slice(&xt[full..]);
                 }
-                Prep::Quantize => crate::quant::quantize_acts(
-                    xt,
-                    std::slice::from_raw_parts_mut(qo.ptr().add(t * cols), cols),
-                    std::slice::from_raw_parts_mut(no.ptr().add(t * g), g),
-                    std::slice::from_raw_parts_mut(so.ptr().add(t * g), g),
-                ),
+                Prep::Quantize(grouped) => {
+                    let q = std::slice::from_raw_parts_mut(qo.ptr().add(t * cols), cols);
+                    let ns = std::slice::from_raw_parts_mut(no.ptr().add(t * g), g);
+                    let ls = std::slice::from_raw_parts_mut(so.ptr().add(t * g), g);
+                    crate::quant::quantize_acts(xt, q, ns, ls);
+                    if grouped {
+                        crate::quant::group_q4_acts(q, ns, ls);
+                    }
+                }
             }
         }
     };
@@ -346,7 +366,7 @@ fn prepared_acts<R>(
     }
     match prep {
         Prep::OddEven(_) => f(Acts { x: &s.x[..n], q: &[], neg_sums: &[], scales: &[], cols }),
-        Prep::Quantize => f(Acts {
+        Prep::Quantize(_) => f(Acts {
             x,
             q: &s.q[..n],
             neg_sums: &s.neg_sums[..n_tokens * g],
