@@ -121,34 +121,35 @@ pub fn quantize_acts(x: &[f32], q: &mut [i8], neg_sums: &mut [i32], lane_scales:
     quantize_acts_impl(x, q, neg_sums, lane_scales)
 }
 
-/// Blocks per group of [`group_q4_acts`].
-pub const Q4_GROUP: usize = 4;
-
-/// Reorders one row of [`quantize_acts`] output for the q4 kernels that take four blocks
-/// (128 weights) a step. A q4 block stores weight `i` in the low nibble of byte `i` and
-/// weight `i + 16` in its high nibble, so four blocks' bytes split into all their low
-/// nibbles and all their high nibbles with one AND and one shift. Per full group of
-/// [`Q4_GROUP`] blocks, the values become `[values 0..16 of each block][values 16..32 of
-/// each block]`, and the group's sums and scales become 16 lanes: lane `4k + j` holds, for
-/// block `k`, the sum of its groups `j` and `j + 4` (the values that lane multiplies, low
-/// and high nibbles) and the block's scale; they are stored at lane `16 · group` (the first
-/// half of the group's room). Blocks after the last full group keep their layout.
-pub(crate) fn group_q4_acts(q: &mut [i8], neg_sums: &mut [i32], lane_scales: &mut [f32]) {
-    const G: usize = Q4_GROUP * QK;
+/// Reorders one row of [`quantize_acts`] output for the q4 kernels that take `blocks`
+/// blocks a step (4 on AVX-512 VNNI, 2 on AVX2). A q4 block stores weight `i` in the low
+/// nibble of byte `i` and weight `i + 16` in its high nibble, so several blocks' bytes split
+/// into all their low nibbles and all their high nibbles with one AND and one shift. Per
+/// full group of `blocks` blocks, the values become `[values 0..16 of each block][values
+/// 16..32 of each block]`, and the group's sums and scales become `4 · blocks` lanes: lane
+/// `4k + j` holds, for block `k`, the sum of its groups `j` and `j + 4` (the values that lane
+/// multiplies, low and high nibbles) and the block's scale; they are stored from lane
+/// `4 · blocks · group` (the first half of the group's room). Blocks after the last full
+/// group keep their layout.
+pub(crate) fn group_q4_acts(blocks: usize, q: &mut [i8], neg_sums: &mut [i32], lane_scales: &mut [f32]) {
     const L: usize = QK / LANE;
-    for (gi, qs) in q.chunks_exact_mut(G).enumerate() {
-        let mut tmp = [0i8; G];
-        tmp.copy_from_slice(qs);
-        for (k, blk) in tmp.chunks_exact(QK).enumerate() {
+    const MAX: usize = 4;
+    assert!((1..=MAX).contains(&blocks), "group_q4_acts: 1 to {MAX} blocks");
+    let size = blocks * QK;
+    let mut tmp = [0i8; MAX * QK];
+    for (gi, qs) in q.chunks_exact_mut(size).enumerate() {
+        tmp[..size].copy_from_slice(qs);
+        for (k, blk) in tmp[..size].chunks_exact(QK).enumerate() {
             qs[k * 16..k * 16 + 16].copy_from_slice(&blk[..16]);
-            qs[G / 2 + k * 16..G / 2 + k * 16 + 16].copy_from_slice(&blk[16..]);
+            qs[size / 2 + k * 16..size / 2 + k * 16 + 16].copy_from_slice(&blk[16..]);
         }
-        // In place, from the front: lane 16·gi + 4k + j reads entries (4·gi + k)·8 + j and
-        // + 4 + j, never below itself, and no later lane reads what an earlier one wrote.
-        for k in 0..Q4_GROUP {
-            let src = (gi * Q4_GROUP + k) * L;
+        // In place, from the front: lane 4·blocks·gi + 4k + j reads entries
+        // (blocks·gi + k)·8 + j and + 4 + j, never below itself, and no later lane reads
+        // what an earlier one wrote.
+        for k in 0..blocks {
+            let src = (gi * blocks + k) * L;
             for j in 0..L / 2 {
-                let dst = gi * 16 + 4 * k + j;
+                let dst = gi * 4 * blocks + 4 * k + j;
                 neg_sums[dst] = neg_sums[src + j] + neg_sums[src + L / 2 + j];
                 lane_scales[dst] = lane_scales[src];
             }
@@ -319,26 +320,34 @@ mod tests {
 
     #[test]
     fn grouped_q4_activations_pair_each_lane_with_its_eight_values() {
-        // One full group of four blocks and one block after it, which keeps its layout.
-        let x: Vec<f32> = data(160).iter().enumerate().map(|(i, v)| v * (1 + i / 32) as f32).collect();
-        let (mut q, mut ns, mut ls) = (vec![0i8; 160], vec![0i32; 40], vec![0f32; 40]);
-        quantize_acts(&x, &mut q, &mut ns, &mut ls);
-        let (q0, ns0, ls0) = (q.clone(), ns.clone(), ls.clone());
-        group_q4_acts(&mut q, &mut ns, &mut ls);
-        for k in 0..Q4_GROUP {
-            let blk = &q0[k * QK..(k + 1) * QK];
-            assert_eq!(q[k * 16..k * 16 + 16], blk[..16], "low halves, block {k}");
-            assert_eq!(q[64 + k * 16..64 + k * 16 + 16], blk[16..], "high halves, block {k}");
-            for j in 0..4 {
-                let lane = 4 * k + j;
-                let vals = q[k * 16 + 4 * j..k * 16 + 4 * j + 4].iter().chain(&q[64 + k * 16 + 4 * j..][..4]);
-                assert_eq!(ns[lane], -vals.map(|&v| v as i32).sum::<i32>(), "lane {lane}");
-                assert_eq!(ls[lane], ls0[k * 8], "lane {lane}");
+        for blocks in [2, 4] {
+            // Full groups, then one block after them, which keeps its layout.
+            let n = (8 / blocks * blocks + 1) * QK;
+            let x: Vec<f32> = data(n).iter().enumerate().map(|(i, v)| v * (1 + i / 32) as f32).collect();
+            let (mut q, mut ns, mut ls) = (vec![0i8; n], vec![0i32; n / 4], vec![0f32; n / 4]);
+            quantize_acts(&x, &mut q, &mut ns, &mut ls);
+            let (q0, ns0, ls0) = (q.clone(), ns.clone(), ls.clone());
+            group_q4_acts(blocks, &mut q, &mut ns, &mut ls);
+            let size = blocks * QK;
+            for gi in 0..8 / blocks {
+                let (qg, lanes) = (&q[gi * size..(gi + 1) * size], gi * 4 * blocks);
+                for k in 0..blocks {
+                    let blk = &q0[(gi * blocks + k) * QK..][..QK];
+                    assert_eq!(qg[k * 16..k * 16 + 16], blk[..16], "{blocks}: low halves, {gi}/{k}");
+                    assert_eq!(qg[size / 2 + k * 16..][..16], blk[16..], "{blocks}: high halves, {gi}/{k}");
+                    for j in 0..4 {
+                        let lane = lanes + 4 * k + j;
+                        let vals =
+                            qg[k * 16 + 4 * j..][..4].iter().chain(&qg[size / 2 + k * 16 + 4 * j..][..4]);
+                        assert_eq!(ns[lane], -vals.map(|&v| v as i32).sum::<i32>(), "{blocks}: lane {lane}");
+                        assert_eq!(ls[lane], ls0[(gi * blocks + k) * 8], "{blocks}: lane {lane}");
+                    }
+                }
             }
+            assert_eq!(q[n - QK..], q0[n - QK..]);
+            assert_eq!(ns[n / 4 - 8..], ns0[n / 4 - 8..]);
+            assert_eq!(ls[n / 4 - 8..], ls0[n / 4 - 8..]);
         }
-        assert_eq!(q[128..], q0[128..]);
-        assert_eq!(ns[32..], ns0[32..]);
-        assert_eq!(ls[32..], ls0[32..]);
     }
 
     #[test]

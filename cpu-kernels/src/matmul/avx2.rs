@@ -230,11 +230,38 @@ unsafe fn weight_bytes<const Q: u8>(p: *const u8) -> __m256i {
     }
 }
 
+/// Blocks per step of the q4 kernel ([`crate::quant::group_q4_acts`]).
+pub(super) const Q4_GROUP: usize = 2;
+
+/// Two q4 blocks at `p` (36 bytes) as signed weights (`nibble − 8`): the low nibbles
+/// (weights 0..16 of each block, block order) and the high ones (weights 16..32), and each
+/// block's scale in its four lanes (lanes 4k..4k + 4: block k).
+///
+/// # Safety
+/// `p` points to two readable q4 blocks; `lut` is [`super::f16_table`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_pair(p: *const u8, lut: *const f32) -> (__m256i, __m256i, __m256) {
+    // SAFETY: quants at 2..18 and 20..36, scales at 0 and 18, all inside the two blocks.
+    unsafe {
+        let v = _mm256_loadu2_m128i(p.add(2 + Q4_BYTES) as *const __m128i, p.add(2) as *const __m128i);
+        let (m, eight) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(8));
+        let sa = _mm_set1_ps(*lut.add((p as *const u16).read_unaligned() as usize));
+        let sb = _mm_set1_ps(*lut.add((p.add(Q4_BYTES) as *const u16).read_unaligned() as usize));
+        (
+            _mm256_sub_epi8(_mm256_and_si256(v, m), eight),
+            _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(v), m), eight),
+            _mm256_set_m128(sb, sa),
+        )
+    }
+}
+
 /// Integer dot products of `R` quantized rows with `T` tokens' quantized activations, a
 /// block at a time: per 32-bit lane (four weights) `v = Σ w·xq` exactly, through the sign
 /// trick (`pmaddubsw(|xq|, sign(w, xq))`, which cannot saturate as `|w|, |xq| ≤ 127`,
 /// then `pmaddwd` with ones), then `acc = fma(f32(v), dw · dx, acc)`; [`hsum`] at the end.
-/// The lanes hold the same integers as the AVX-512 VNNI kernel's.
+/// q8 lanes hold the same integers as the AVX-512 VNNI kernel's; q4 takes pairs of blocks
+/// first ([`Q4_GROUP`]), eight products per lane.
 ///
 /// # Safety
 /// Each `w[r]` points to `nb` readable blocks of kind `Q`; `q` to `T` rows of
@@ -255,7 +282,46 @@ unsafe fn qdot_tile<const Q: u8, const R: usize, const T: usize>(
     let g = cols / LANE_GROUP;
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); R]; T];
-    for b in 0..nb {
+    let mut b = 0;
+    if Q == Q_4 {
+        // Pairs of blocks (activations grouped by `quant::group_q4_acts`): per 32-bit lane
+        // the four low-nibble and four high-nibble products of one block; the two 16-bit
+        // pair sums are added before `pmaddwd` (|sum| ≤ 4 · 127 · 8, no saturation), so one
+        // `pmaddwd`, one conversion and one FMA serve 64 weights.
+        while b + Q4_GROUP <= nb {
+            let lane = b / Q4_GROUP * (Q4_GROUP * LANE_GROUP);
+            // Row by row (16 registers do not hold every row's weights and every token's
+            // activations at once); the activations are L1 loads.
+            for r in 0..R {
+                // SAFETY: blocks b, b + 1 of row r; prefetches never fault.
+                let (lo, hi, sc) = unsafe {
+                    let p = w[r].add(b * Q4_BYTES);
+                    prefetch(w[r].wrapping_add(b * Q4_BYTES + pf));
+                    q4_pair(p, lut)
+                };
+                for t in 0..T {
+                    // SAFETY: values b·32 .. b·32 + 64 of token t and its 8 grouped scales
+                    // at lane b / 2 · 8 (inside the pair's own 16).
+                    let (xl, xh, dx) = unsafe {
+                        let xq = q.add(t * cols + b * QK);
+                        (
+                            _mm256_loadu_si256(xq as *const __m256i),
+                            _mm256_loadu_si256(xq.add(32) as *const __m256i),
+                            _mm256_loadu_ps(ls.add(t * g + lane)),
+                        )
+                    };
+                    let s = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(_mm256_abs_epi8(xl), _mm256_sign_epi8(lo, xl)),
+                        _mm256_maddubs_epi16(_mm256_abs_epi8(xh), _mm256_sign_epi8(hi, xh)),
+                    );
+                    let v = _mm256_madd_epi16(s, ones);
+                    acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(sc, dx), acc[t][r]);
+                }
+            }
+            b += Q4_GROUP;
+        }
+    }
+    for b in b..nb {
         let mut wv = [_mm256_setzero_si256(); R];
         let mut sc = [_mm256_setzero_ps(); R];
         // SAFETY: block b of every row; prefetches never fault.

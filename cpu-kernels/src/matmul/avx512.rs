@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 
 use super::{prefetch, Acts, MatRef, WeightsRef};
 use crate::dispatch::Isa;
-use crate::quant::{LANE, Q4_GROUP, QK};
+use crate::quant::{LANE, QK};
 
 const LANES: usize = 16;
 /// Rows per tile.
@@ -211,6 +211,9 @@ unsafe fn block_scale(p: *const u8, lut: *const f32) -> __m512 {
     // SAFETY: the scale is the block's first two bytes; every u16 indexes the table.
     unsafe { _mm512_set1_ps(*lut.add((p as *const u16).read_unaligned() as usize)) }
 }
+
+/// Blocks per step of the VNNI q4 kernel ([`crate::quant::group_q4_acts`]).
+pub(super) const Q4_GROUP: usize = 4;
 
 /// Whether the CPU has AVX-512 VNNI (`vpdpbusd`). Without it the AVX-512 path multiplies
 /// quantized weights with the AVX2 integer kernel (same integer lanes, 8-lane sums).

@@ -205,7 +205,7 @@ const MIN_PARALLEL_WORK: usize = 1 << 15;
 /// * q8 / q4 weights: `x` and its 8-bit quantization ([`crate::quant::quantize_acts`]): the
 ///   kernels multiply the weights with 8-bit activations in integers, as llama.cpp does,
 ///   which spends a fraction of the instructions per weight byte of dequantizing to f32
-///   (q4 on AVX-512 VNNI: in groups of four blocks, [`crate::quant::group_q4_acts`]);
+///   (q4 with SIMD: in groups of blocks, [`crate::quant::group_q4_acts`]);
 /// * otherwise `x` as given.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Acts<'a> {
@@ -258,21 +258,27 @@ thread_local! {
 enum Prep {
     /// Odd/even order in chunks of this many columns.
     OddEven(usize),
-    /// Quantized ([`crate::quant::quantize_acts`]); with `true`, then put in groups of
-    /// four blocks ([`crate::quant::group_q4_acts`]) for the AVX-512 VNNI q4 kernel.
-    Quantize(bool),
+    /// Quantized ([`crate::quant::quantize_acts`]); with a block count, then put in groups
+    /// of that many blocks ([`crate::quant::group_q4_acts`]) for the q4 SIMD kernels.
+    Quantize(Option<usize>),
 }
 
-/// Whether `isa`'s q4 kernel reads activations grouped ([`crate::quant::group_q4_acts`]).
-fn q4_grouped(isa: Isa) -> bool {
+/// Blocks per step of `isa`'s q4 kernel, which reads activations grouped that way
+/// ([`crate::quant::group_q4_acts`]); `None` for the scalar kernel (natural order).
+fn q4_group(isa: Isa) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
     {
-        isa == Isa::Avx512 && avx512::has_vnni()
+        match isa {
+            Isa::Avx512 if avx512::has_vnni() => Some(avx512::Q4_GROUP),
+            // AVX-512 without VNNI multiplies quantized weights with the AVX2 kernel.
+            Isa::Avx512 | Isa::Avx2 => Some(avx2::Q4_GROUP),
+            Isa::Scalar => None,
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = isa;
-        false
+        None
     }
 }
 
@@ -280,8 +286,8 @@ fn q4_grouped(isa: Isa) -> bool {
 /// ([`Acts`]), prepared here in this thread's scratch (a fresh buffer if that is in use).
 fn with_acts<R>(isa: Isa, x: &[f32], cols: usize, w: &MatRef<'_>, f: impl FnOnce(Acts<'_>) -> R) -> R {
     let prep = match (w.data, isa.bf16_chunk()) {
-        (WeightsRef::Q8(_), _) => Prep::Quantize(false),
-        (WeightsRef::Q4(_), _) => Prep::Quantize(q4_grouped(isa)),
+        (WeightsRef::Q8(_), _) => Prep::Quantize(None),
+        (WeightsRef::Q4(_), _) => Prep::Quantize(q4_group(isa)),
         (WeightsRef::Bf16(_), Some(chunk)) if cols >= chunk => Prep::OddEven(chunk),
         _ => return f(Acts { x, q: &[], neg_sums: &[], scales: &[], cols }),
     };
@@ -352,8 +358,8 @@ fn prepared_acts<R>(
                     let ns = std::slice::from_raw_parts_mut(no.ptr().add(t * g), g);
                     let ls = std::slice::from_raw_parts_mut(so.ptr().add(t * g), g);
                     crate::quant::quantize_acts(xt, q, ns, ls);
-                    if grouped {
-                        crate::quant::group_q4_acts(q, ns, ls);
+                    if let Some(blocks) = grouped {
+                        crate::quant::group_q4_acts(blocks, q, ns, ls);
                     }
                 }
             }
