@@ -181,21 +181,22 @@ unsafe fn dequant_block<const Q: u8>(p: *const u8, lut: *const f32) -> [__m256; 
             }
             v
         } else {
+            // Nibbles minus 8 as signed bytes (two subtractions per block, not four).
             let b = _mm_loadu_si128(qs as *const __m128i);
-            let m = _mm_set1_epi8(0x0f);
-            let lo = _mm_and_si128(b, m);
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(b), m);
-            [nib8(lo), nib8(_mm_srli_si128::<8>(lo)), nib8(hi), nib8(_mm_srli_si128::<8>(hi))]
+            let (m, eight) = (_mm_set1_epi8(0x0f), _mm_set1_epi8(8));
+            let lo = _mm_sub_epi8(_mm_and_si128(b, m), eight);
+            let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(b), m), eight);
+            [i8x8(lo), i8x8(_mm_srli_si128::<8>(lo)), i8x8(hi), i8x8(_mm_srli_si128::<8>(hi))]
         };
         q.map(|v| _mm256_mul_ps(d, v))
     }
 }
 
-/// The low 8 bytes of `h` (nibble values 0..15) minus 8, as f32.
+/// The low 8 bytes of `h` (signed) as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn nib8(h: __m128i) -> __m256 {
-    _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(h), _mm256_set1_epi32(8)))
+fn i8x8(h: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h))
 }
 
 /// The scale of the block at `p`, broadcast, through the f16→f32 table (a load that the
