@@ -210,7 +210,8 @@ const MIN_PARALLEL_WORK: usize = 1 << 15;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Acts<'a> {
     pub(crate) x: &'a [f32],
-    /// `[n, cols]` quantized values (quantized weights only).
+    /// `[n, cols]` quantized values (quantized weights only; for q4 with SIMD, grouped as
+    /// [`crate::quant::group_q4_acts`] describes, as are the two fields below).
     pub(crate) q: &'a [i8],
     /// `[n, cols / 4]`: `-Σ q` per group of four.
     pub(crate) neg_sums: &'a [i32],
@@ -265,7 +266,7 @@ enum Prep {
 
 /// Blocks per step of `isa`'s q4 kernel, which reads activations grouped that way
 /// ([`crate::quant::group_q4_acts`]); `None` for the scalar kernel (natural order).
-fn q4_group(isa: Isa) -> Option<usize> {
+fn q4_blocks_per_step(isa: Isa) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
     {
         match isa {
@@ -287,7 +288,7 @@ fn q4_group(isa: Isa) -> Option<usize> {
 fn with_acts<R>(isa: Isa, x: &[f32], cols: usize, w: &MatRef<'_>, f: impl FnOnce(Acts<'_>) -> R) -> R {
     let prep = match (w.data, isa.bf16_chunk()) {
         (WeightsRef::Q8(_), _) => Prep::Quantize(None),
-        (WeightsRef::Q4(_), _) => Prep::Quantize(q4_group(isa)),
+        (WeightsRef::Q4(_), _) => Prep::Quantize(q4_blocks_per_step(isa)),
         (WeightsRef::Bf16(_), Some(chunk)) if cols >= chunk => Prep::OddEven(chunk),
         _ => return f(Acts { x, q: &[], neg_sums: &[], scales: &[], cols }),
     };
