@@ -176,20 +176,25 @@ unsafe fn dequant_block<const Q: u8>(p: *const u8, lut: *const f32) -> [__m256; 
         let q = if Q == Q_8 {
             let mut v = [_mm256_setzero_ps(); 4];
             for k in 0..4 {
-                let b = _mm_loadl_epi64(qs.add(8 * k) as *const __m128i);
-                v[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+                v[k] = i8x8(_mm_loadl_epi64(qs.add(8 * k) as *const __m128i));
             }
             v
         } else {
-            // Nibbles minus 8 as signed bytes (two subtractions per block, not four).
-            let b = _mm_loadu_si128(qs as *const __m128i);
-            let (m, eight) = (_mm_set1_epi8(0x0f), _mm_set1_epi8(8));
-            let lo = _mm_sub_epi8(_mm_and_si128(b, m), eight);
-            let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(b), m), eight);
+            // Minus 8 as signed bytes (two subtractions per block, not four on wide lanes).
+            let (lo, hi) = q4_signed(_mm_loadu_si128(qs as *const __m128i));
             [i8x8(lo), i8x8(_mm_srli_si128::<8>(lo)), i8x8(hi), i8x8(_mm_srli_si128::<8>(hi))]
         };
         q.map(|v| _mm256_mul_ps(d, v))
     }
+}
+
+/// A q4 block's 16 quant bytes as signed weights `nibble − 8`: weights 0..16 (low
+/// nibbles) and 16..32 (high nibbles).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_signed(b: __m128i) -> (__m128i, __m128i) {
+    let (m, eight) = (_mm_set1_epi8(0x0f), _mm_set1_epi8(8));
+    (_mm_sub_epi8(_mm_and_si128(b, m), eight), _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(b), m), eight))
 }
 
 /// The low 8 bytes of `h` (signed) as f32.
@@ -223,10 +228,8 @@ unsafe fn weight_bytes<const Q: u8>(p: *const u8) -> __m256i {
         if Q == Q_8 {
             _mm256_loadu_si256(p.add(2) as *const __m256i)
         } else {
-            let b = _mm_loadu_si128(p.add(2) as *const __m128i);
-            let m = _mm_set1_epi8(0x0f);
-            let v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(b), m), _mm_and_si128(b, m));
-            _mm256_sub_epi8(v, _mm256_set1_epi8(8))
+            let (lo, hi) = q4_signed(_mm_loadu_si128(p.add(2) as *const __m128i));
+            _mm256_set_m128i(hi, lo)
         }
     }
 }
