@@ -14,6 +14,7 @@ use hetmoe_cpu_kernels::matmul::{axpy_rows, matmul, MatRef, WeightsRef};
 use hetmoe_cpu_kernels::memory::HugeBuf;
 use hetmoe_cpu_kernels::moe::{expert_swiglu, ExpertRef};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
+use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
 
 const H: usize = 1024;
 const F: usize = 3584;
@@ -62,6 +63,21 @@ fn main() {
     let bsets: Vec<HugeBuf<bf16>> = (0..nb).map(|_| HugeBuf::from_slice(&wb)).collect();
     let q8sets: Vec<HugeBuf<BlockQ8>> = (0..nq8).map(|_| HugeBuf::from_slice(&q8)).collect();
     let q4sets: Vec<HugeBuf<BlockQ4>> = (0..nq4).map(|_| HugeBuf::from_slice(&q4)).collect();
+    // The same quantized sets in groups of four rows (the engine's layout for `downᵀ`), for
+    // `ag` (grouped axpy) and `eg` (expert with grouped `downᵀ`).
+    let grouped = |kind: GroupKind, n: usize| -> Vec<HugeBuf<u8>> {
+        let mut g = vec![0u8; kind.matrix_bytes(3 * F, H)];
+        match kind {
+            GroupKind::Q8 => group_q8_rows(&q8, 3 * F, H, &mut g),
+            GroupKind::Q4 => group_q4_rows(&q4, 3 * F, H, &mut g),
+        }
+        (0..n).map(|_| HugeBuf::from_slice(&g)).collect()
+    };
+    let (g8sets, g4sets) = (grouped(GroupKind::Q8, nq8), grouped(GroupKind::Q4, nq4));
+    let gv8: Vec<GroupedRef<'_>> =
+        g8sets.iter().map(|g| GroupedRef::new(GroupKind::Q8, g, 3 * F, H).unwrap()).collect();
+    let gv4: Vec<GroupedRef<'_>> =
+        g4sets.iter().map(|g| GroupedRef::new(GroupKind::Q4, g, 3 * F, H).unwrap()).collect();
     let mut probe = HugeBuf::<f32>::zeroed(PROBE / 4);
     probe.fill(1.0);
     let vb = vw(bsets.iter().map(|v| WeightsRef::Bf16(v)).collect());
@@ -87,7 +103,7 @@ fn main() {
             });
             let mut line = format!("round {r}: probe {bw:5.1} GB/s |");
             note("probe".into(), bw);
-            for (name, set) in [("bf16", &vb), ("q8", &v8), ("q4", &v4)] {
+            for (name, set, gset) in [("bf16", &vb, None), ("q8", &v8, Some(&gv8)), ("q4", &v4, Some(&gv4))] {
                 let bytes: usize = set.iter().map(|m| m.size_bytes()).sum();
                 for n in [1usize, 8] {
                     if which.contains(&"mv".to_string()) {
@@ -107,6 +123,27 @@ fn main() {
                         });
                         line += &format!(" ax {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
                         note(format!("ax {name} n{n}"), g);
+                    }
+                    if let (true, 1, Some(gset)) = (which.contains(&"ag".to_string()), n, gset) {
+                        let g = rate(bytes, || {
+                            for m in gset.iter() {
+                                axpy_rows(&y[..n * 3 * F], *m, &mut out[..n * H]);
+                            }
+                        });
+                        line += &format!(" ag {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
+                        note(format!("ag {name} n{n}"), g);
+                    }
+                    if let (true, 1, Some(gset)) = (which.contains(&"eg".to_string()), n, gset) {
+                        // The engine's in-memory layout for quantized experts: downᵀ grouped.
+                        let g = rate(bytes, || {
+                            for (m, gm) in set.iter().zip(gset.iter()) {
+                                let part = |i: usize| m.row_range(i * F, (i + 1) * F);
+                                let e = ExpertRef::new(part(0), part(1), gm.row_range(2 * F, 3 * F)).unwrap();
+                                expert_swiglu(&x[..n * H], e, &mut act, &mut out[..n * H]);
+                            }
+                        });
+                        line += &format!(" eg {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
+                        note(format!("eg {name} n{n}"), g);
                     }
                     if which.contains(&"es".to_string()) && n == 1 {
                         // The engine's in-memory layout: gate, up and downᵀ as separate matrices.

@@ -5,6 +5,7 @@ use std::time::Instant;
 use half::bf16;
 use hetmoe_cpu_kernels::matmul::{axpy_rows_with, matmul_with, MatRef, WeightsRef};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
+use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
 use hetmoe_cpu_kernels::Isa;
 
 fn main() {
@@ -15,6 +16,10 @@ fn main() {
     quantize_q8(&w, &mut q8);
     let mut q4 = vec![BlockQ4 { d: half::f16::ZERO, qs: [0; QK / 2] }; w.len() / QK];
     quantize_q4(&w, &mut q4);
+    let mut g8 = vec![0u8; GroupKind::Q8.matrix_bytes(rows, cols)];
+    group_q8_rows(&q8, rows, cols, &mut g8);
+    let mut g4 = vec![0u8; GroupKind::Q4.matrix_bytes(rows, cols)];
+    group_q4_rows(&q4, rows, cols, &mut g4);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let x = vec![0.5f32; 64 * cols];
     let mut y = vec![0f32; 64 * rows];
@@ -45,6 +50,20 @@ fn main() {
                 }
                 let s = t.elapsed().as_secs_f64();
                 line += &format!(" axpy n1: {:6.1}", (reps * rows * cols) as f64 / s / 1e9);
+                let grouped = match name {
+                    "q8" => Some(GroupedRef::new(GroupKind::Q8, &g8, rows, cols).unwrap()),
+                    "q4" => Some(GroupedRef::new(GroupKind::Q4, &g4, rows, cols).unwrap()),
+                    _ => None,
+                };
+                if let Some(g) = grouped {
+                    // The engine's layout for quantized downᵀ (integer dot products).
+                    let t = Instant::now();
+                    for _ in 0..reps {
+                        axpy_rows_with(isa, &y[..rows], g, &mut o[..cols]);
+                    }
+                    let s = t.elapsed().as_secs_f64();
+                    line += &format!(" grouped axpy n1: {:6.1}", (reps * rows * cols) as f64 / s / 1e9);
+                }
                 println!("{line}");
             }
         }

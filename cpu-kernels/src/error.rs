@@ -3,6 +3,8 @@
 pub enum KernelError {
     #[error("weight buffer holds {actual} elements, shape {rows}x{cols} needs {expected}")]
     WeightLength { rows: usize, cols: usize, expected: usize, actual: usize },
+    #[error("grouped quantized matrix {rows}x{cols} needs {expected} bytes, got {actual}")]
+    GroupedLength { rows: usize, cols: usize, expected: usize, actual: usize },
     #[error("quantized rows need cols ({cols}) and stride ({stride}) to be multiples of 32")]
     QuantizedShape { cols: usize, stride: usize },
     #[error("unknown ISA {0:?} (expected scalar, avx2 or avx512)")]

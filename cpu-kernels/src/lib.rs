@@ -24,6 +24,7 @@ pub mod norm;
 pub mod parallel;
 pub mod quant;
 pub mod rope;
+pub mod row_groups;
 pub mod softmax;
 pub mod topk;
 

@@ -7,27 +7,33 @@
 //! arithmetic, so a model gives the same numbers whichever tier its experts come from.
 
 use crate::dispatch::{active_isa, Isa};
-use crate::matmul::{matmul_with, MatRef, WeightsRef};
+use crate::matmul::{matmul_with, AxpyRef, MatRef, WeightsRef};
 use crate::KernelError;
 
-/// Rows of one expert: `gate`, `up` and `down_t` are each `[ffn, hidden]`.
+/// Rows of one expert: `gate`, `up` and `down_t` are each `[ffn, hidden]` (`down_t` as rows,
+/// or for quantized weights in groups of four rows, [`crate::row_groups`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ExpertRef<'a> {
     pub gate: MatRef<'a>,
     pub up: MatRef<'a>,
-    pub down_t: MatRef<'a>,
+    pub down_t: AxpyRef<'a>,
 }
 
 impl<'a> ExpertRef<'a> {
-    pub fn new(gate: MatRef<'a>, up: MatRef<'a>, down_t: MatRef<'a>) -> Result<Self, KernelError> {
+    pub fn new(
+        gate: MatRef<'a>,
+        up: MatRef<'a>,
+        down_t: impl Into<AxpyRef<'a>>,
+    ) -> Result<Self, KernelError> {
+        let down_t = down_t.into();
         let shape = (gate.rows(), gate.cols());
-        for m in [&up, &down_t] {
-            if (m.rows(), m.cols()) != shape {
+        for m in [(up.rows(), up.cols()), (down_t.rows(), down_t.cols())] {
+            if m != shape {
                 return Err(KernelError::WeightLength {
                     rows: shape.0,
                     cols: shape.1,
                     expected: shape.0 * shape.1,
-                    actual: m.rows() * m.cols(),
+                    actual: m.0 * m.1,
                 });
             }
         }
@@ -47,7 +53,7 @@ impl<'a> ExpertRef<'a> {
             });
         }
         let part = |i: usize| MatRef::strided(data.slice(i * hidden, n), ffn, hidden, 3 * hidden);
-        Ok(Self { gate: part(0)?, up: part(1)?, down_t: part(2)? })
+        Ok(Self { gate: part(0)?, up: part(1)?, down_t: part(2)?.into() })
     }
 
     pub fn ffn(&self) -> usize {

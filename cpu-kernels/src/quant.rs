@@ -219,7 +219,7 @@ unsafe fn quantize_acts_avx2(x: &[f32], q: &mut [i8], neg_sums: &mut [i32], lane
 /// largest magnitude: NaN (and 0) for a block holding a NaN or an infinity, zeros for an
 /// all-zero block. Shared by every build of [`quantize_acts`], which must agree bit for bit.
 #[inline(always)]
-fn act_scale(amax: f32, finite: bool) -> (f32, f32) {
+pub(crate) fn act_scale(amax: f32, finite: bool) -> (f32, f32) {
     if !finite {
         (f32::NAN, 0.0)
     } else if amax == 0.0 {

@@ -377,10 +377,15 @@ fn expert_swiglu_invariants() {
                 let mut tmp = vec![0f32; n * hidden];
                 expert_swiglu_unfused_with(Isa::Scalar, &x, ex.separate(), &mut act, &mut tmp);
                 let down = ex.separate().down_t;
+                let down_row = |j: usize| {
+                    let mut o = vec![0f32; hidden];
+                    down.row_to_f32(j, &mut o);
+                    o
+                };
                 for t in 0..n {
                     for c in 0..hidden {
                         let scale: f64 = (0..ffn)
-                            .map(|j| (act[t * ffn + j] as f64 * row_f64(&down, j)[c]).abs())
+                            .map(|j| (act[t * ffn + j] as f64 * down_row(j)[c] as f64).abs())
                             .sum::<f64>();
                         let (g, e) = (fused[t * hidden + c] as f64, want[t * hidden + c] as f64);
                         assert!(

@@ -8,9 +8,11 @@
 //! converted to f32.
 
 use half::{bf16, f16};
+use hetmoe_cpu_kernels::matmul::AxpyRef;
 use hetmoe_cpu_kernels::memory::{HugeBuf, ZeroValid};
 use hetmoe_cpu_kernels::moe::ExpertRef;
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
+use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
 use hetmoe_cpu_kernels::{MatRef, WeightsRef};
 use hetmoe_storage::{Checkpoint, DType, FfnKind, ModelSpec, Tensor, WeightKey};
 
@@ -35,6 +37,9 @@ enum Store {
     F16(HugeBuf<f16>),
     Q8(HugeBuf<BlockQ8>),
     Q4(HugeBuf<BlockQ4>),
+    /// Quantized rows in groups of four (`downᵀ` of quantized MLPs, read only by the
+    /// `axpy`: [`hetmoe_cpu_kernels::row_groups`]).
+    Grouped(GroupKind, HugeBuf<u8>),
 }
 
 /// How matrices are held in memory.
@@ -106,8 +111,37 @@ impl Linear {
             Store::F16(v) => WeightsRef::F16(&v[..]),
             Store::Q8(v) => WeightsRef::Q8(&v[..]),
             Store::Q4(v) => WeightsRef::Q4(&v[..]),
+            Store::Grouped(..) => unreachable!("grouped rows are only read through axpy_view"),
         };
         MatRef::new(data, self.rows, self.cols).expect("shape checked at load")
+    }
+
+    /// The matrix as the `axpy` reads it (rows, or groups of rows).
+    pub(crate) fn axpy_view(&self) -> AxpyRef<'_> {
+        match &self.store {
+            Store::Grouped(kind, v) => {
+                GroupedRef::new(*kind, v, self.rows, self.cols).expect("shape checked at load").into()
+            }
+            _ => self.mat().into(),
+        }
+    }
+
+    /// [`Linear::quantized`], then in groups of four rows for the `axpy`.
+    fn quantized_grouped(self, format: WeightFormat) -> Linear {
+        let q = self.quantized(format);
+        let (rows, cols) = (q.rows, q.cols);
+        let (kind, blocks) = match &q.store {
+            Store::Q8(b) => (GroupKind::Q8, WeightsRef::Q8(b)),
+            Store::Q4(b) => (GroupKind::Q4, WeightsRef::Q4(b)),
+            _ => return q,
+        };
+        let mut out = HugeBuf::<u8>::zeroed(kind.matrix_bytes(rows, cols));
+        match blocks {
+            WeightsRef::Q8(b) => group_q8_rows(b, rows, cols, &mut out),
+            WeightsRef::Q4(b) => group_q4_rows(b, rows, cols, &mut out),
+            _ => unreachable!("matched above"),
+        }
+        Linear { store: Store::Grouped(kind, out), rows, cols }
     }
 
     /// `[cols, rows]`, same dtype, owned (down projections are kept transposed so that
@@ -189,7 +223,8 @@ pub(crate) struct Mlp {
 
 impl Mlp {
     pub(crate) fn expert(&self) -> ExpertRef<'_> {
-        ExpertRef::new(self.gate.mat(), self.up.mat(), self.down_t.mat()).expect("shapes checked at load")
+        ExpertRef::new(self.gate.mat(), self.up.mat(), self.down_t.axpy_view())
+            .expect("shapes checked at load")
     }
 }
 
@@ -316,7 +351,7 @@ impl Loader<'_> {
         Ok(Mlp {
             gate: self.proj(keys[0], ffn, h)?,
             up: self.proj(keys[1], ffn, h)?,
-            down_t: self.linear(keys[2], h, ffn)?.transposed().quantized(self.format),
+            down_t: self.linear(keys[2], h, ffn)?.transposed().quantized_grouped(self.format),
         })
     }
 }

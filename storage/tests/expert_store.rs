@@ -9,6 +9,7 @@ use half::{bf16, f16};
 use hetmoe_cpu_kernels::matmul::MatRef;
 use hetmoe_cpu_kernels::moe::{expert_swiglu, ExpertRef};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
+use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows};
 use hetmoe_cpu_kernels::WeightsRef;
 use hetmoe_storage::expert_store::{
     probe, repack, AlignedBuf, Encoding, ExpertReader, ExpertStore, Fault, FaultInjectingReader, FaultyFile,
@@ -68,13 +69,20 @@ fn expected_rows(model: &Path, spec: &ModelSpec, key: ExpertKey) -> Vec<Vec<f32>
 
 fn expected_bytes(rows: &[Vec<f32>], enc: Encoding) -> Vec<u8> {
     let mut out = Vec::new();
-    for r in rows {
+    // q8/q4: gate and up rows in bundles, then downᵀ (every third row) in groups of four.
+    let (mut d8, mut d4) = (Vec::new(), Vec::new());
+    for (i, r) in rows.iter().enumerate() {
+        let down = i % 3 == 2;
         match enc {
             Encoding::Bf16 => r.iter().for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
             Encoding::F32 => r.iter().for_each(|&v| out.extend_from_slice(&v.to_le_bytes())),
             Encoding::Q8 => {
                 let mut b = vec![BlockQ8 { d: f16::ZERO, qs: [0; QK] }; r.len() / QK];
                 quantize_q8(r, &mut b);
+                if down {
+                    d8.extend(b);
+                    continue;
+                }
                 for b in b {
                     out.extend_from_slice(&b.d.to_le_bytes());
                     out.extend(b.qs.iter().map(|&q| q as u8));
@@ -83,11 +91,25 @@ fn expected_bytes(rows: &[Vec<f32>], enc: Encoding) -> Vec<u8> {
             Encoding::Q4 => {
                 let mut b = vec![BlockQ4 { d: f16::ZERO, qs: [0; QK / 2] }; r.len() / QK];
                 quantize_q4(r, &mut b);
+                if down {
+                    d4.extend(b);
+                    continue;
+                }
                 for b in b {
                     out.extend_from_slice(&b.d.to_le_bytes());
                     out.extend_from_slice(&b.qs);
                 }
             }
+        }
+    }
+    let (ffn, hidden) = (rows.len() / 3, rows.first().map_or(0, Vec::len));
+    if let Some(kind) = enc.down_groups() {
+        let start = out.len();
+        out.resize(start + kind.matrix_bytes(ffn, hidden), 0);
+        if enc == Encoding::Q8 {
+            group_q8_rows(&d8, ffn, hidden, &mut out[start..]);
+        } else {
+            group_q4_rows(&d4, ffn, hidden, &mut out[start..]);
         }
     }
     out
@@ -131,7 +153,9 @@ fn round_trip_every_arch_and_encoding_both_readers() {
                 assert_eq!(&ba[..n], &want[..], "{model:?} {enc} {key}");
                 assert!(ba[n..].iter().all(|&v| v == 0), "padding is zero");
                 let w = store.as_weights(ba).unwrap();
-                assert_eq!(w.len(), 3 * spec.hidden * spec.moe.expert_ffn);
+                let ffn = spec.moe.expert_ffn;
+                let rows = if enc.down_groups().is_some() { 2 * ffn + ffn.div_ceil(4) * 4 } else { 3 * ffn };
+                assert_eq!(w.len(), rows * spec.hidden);
                 store.expert_ref(ba).unwrap();
             }
         }

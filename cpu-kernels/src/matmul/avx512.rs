@@ -358,6 +358,74 @@ unsafe fn qdot_tile<const Q: u8, const R: usize, const T: usize>(
             b += Q4_GROUP;
         }
     }
+    if Q == Q_8 {
+        // Four blocks (128 weights) a step: two vectors of two blocks' bytes, the four
+        // scales from two 64-byte loads (one word permute, one conversion, two lane
+        // spreads), so the per-block scale work is shared by four blocks instead of two.
+        let idx = _mm512_castsi128_si512(_mm_setr_epi16(0, 17, 34, 51, 0, 0, 0, 0));
+        let (lo2, hi2) = (
+            _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+            _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3),
+        );
+        let x80 = _mm512_set1_epi8(i8::MIN);
+        while b + 4 <= nb {
+            let mut wa = [_mm512_setzero_si512(); R];
+            let mut wb = [_mm512_setzero_si512(); R];
+            let mut sa = [_mm512_setzero_ps(); R];
+            let mut sb = [_mm512_setzero_ps(); R];
+            // SAFETY: blocks b .. b + 4 of every row (136 bytes from p; the two 64-byte
+            // scale loads end at p + 128); prefetches never fault.
+            unsafe {
+                for r in 0..R {
+                    let p = w[r].add(b * Q8_BYTES);
+                    let a = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_loadu_si256(p.add(2) as *const __m256i)),
+                        _mm256_loadu_si256(p.add(2 + Q8_BYTES) as *const __m256i),
+                    );
+                    let c = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_loadu_si256(p.add(2 + 2 * Q8_BYTES) as *const __m256i)),
+                        _mm256_loadu_si256(p.add(2 + 3 * Q8_BYTES) as *const __m256i),
+                    );
+                    wa[r] = _mm512_xor_si512(a, x80);
+                    wb[r] = _mm512_xor_si512(c, x80);
+                    let words = _mm512_permutex2var_epi16(
+                        _mm512_loadu_si512(p as *const __m512i),
+                        idx,
+                        _mm512_loadu_si512(p.add(64) as *const __m512i),
+                    );
+                    let d4 = _mm512_castps128_ps512(_mm_cvtph_ps(_mm512_castsi512_si128(words)));
+                    sa[r] = _mm512_permutexvar_ps(lo2, d4);
+                    sb[r] = _mm512_permutexvar_ps(hi2, d4);
+                    prefetch(p.wrapping_add(pf));
+                    prefetch(p.wrapping_add(pf + 64));
+                    prefetch(p.wrapping_add(pf + 128));
+                }
+            }
+            for t in 0..T {
+                // SAFETY: values b·32 .. b·32 + 128 of token t, and its groups b·8 .. b·8 + 32.
+                let (xa, xb, oa, ob, da, db) = unsafe {
+                    let xq = q.add(t * cols + b * QK);
+                    let n = ns.add(t * g + b * (QK / LANE));
+                    let l = ls.add(t * g + b * (QK / LANE));
+                    (
+                        _mm512_loadu_epi8(xq),
+                        _mm512_loadu_epi8(xq.add(64)),
+                        _mm512_slli_epi32::<7>(_mm512_loadu_epi32(n)),
+                        _mm512_slli_epi32::<7>(_mm512_loadu_epi32(n.add(16))),
+                        _mm512_loadu_ps(l),
+                        _mm512_loadu_ps(l.add(16)),
+                    )
+                };
+                for r in 0..R {
+                    let va = _mm512_dpbusd_epi32(oa, wa[r], xa);
+                    let vb = _mm512_dpbusd_epi32(ob, wb[r], xb);
+                    acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(va), _mm512_mul_ps(sa[r], da), acc[t][r]);
+                    acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(vb), _mm512_mul_ps(sb[r], db), acc[t][r]);
+                }
+            }
+            b += 4;
+        }
+    }
     while b < nb {
         let pair = b + 1 < nb;
         let mut wv = [_mm512_setzero_si512(); R];

@@ -9,6 +9,12 @@ mod common;
 pub(crate) use avx2::hsum as avx2_hsum;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod groups;
+#[cfg(target_arch = "x86_64")]
+mod groups_avx2;
+#[cfg(target_arch = "x86_64")]
+mod groups_avx512;
 mod scalar;
 
 use half::{bf16, f16};
@@ -16,6 +22,7 @@ use half::{bf16, f16};
 use crate::dispatch::{active_isa, Isa};
 use crate::parallel::SyncPtr;
 use crate::quant::{BlockQ4, BlockQ8, QK};
+use crate::row_groups::GroupedRef;
 use crate::KernelError;
 
 /// Borrowed weight elements, row-major. Quantized variants hold `QK`-element blocks.
@@ -168,6 +175,63 @@ impl<'a> MatRef<'a> {
             WeightsRef::Q8(w) => crate::quant::dequantize_q8(w, out),
             WeightsRef::Q4(w) => crate::quant::dequantize_q4(w, out),
         }
+    }
+}
+
+/// A matrix read row by row as the terms of `y += Σ_j a[j] · W[j, :]` ([`axpy_rows_with`]):
+/// rows as [`MatRef`] views them, or quantized rows in groups of four ([`GroupedRef`], whose
+/// `axpy` runs on integer dot products; the engine stores quantized `downᵀ` that way).
+#[derive(Debug, Clone, Copy)]
+pub enum AxpyRef<'a> {
+    Rows(MatRef<'a>),
+    Groups(GroupedRef<'a>),
+}
+
+impl<'a> AxpyRef<'a> {
+    pub fn rows(&self) -> usize {
+        match self {
+            AxpyRef::Rows(m) => m.rows(),
+            AxpyRef::Groups(m) => m.rows(),
+        }
+    }
+    pub fn cols(&self) -> usize {
+        match self {
+            AxpyRef::Rows(m) => m.cols(),
+            AxpyRef::Groups(m) => m.cols(),
+        }
+    }
+    /// Bytes one pass over the matrix reads.
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            AxpyRef::Rows(m) => m.size_bytes(),
+            AxpyRef::Groups(m) => m.size_bytes(),
+        }
+    }
+    /// Rows `start..end` (for groups: whole groups, see [`GroupedRef::row_range`]).
+    pub fn row_range(&self, start: usize, end: usize) -> AxpyRef<'a> {
+        match self {
+            AxpyRef::Rows(m) => AxpyRef::Rows(m.row_range(start, end)),
+            AxpyRef::Groups(m) => AxpyRef::Groups(m.row_range(start, end)),
+        }
+    }
+    /// Row `r` as f32 weights.
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        match self {
+            AxpyRef::Rows(m) => m.row_to_f32(r, out),
+            AxpyRef::Groups(m) => m.row_to_f32(r, out),
+        }
+    }
+}
+
+impl<'a> From<MatRef<'a>> for AxpyRef<'a> {
+    fn from(m: MatRef<'a>) -> Self {
+        AxpyRef::Rows(m)
+    }
+}
+
+impl<'a> From<GroupedRef<'a>> for AxpyRef<'a> {
+    fn from(m: GroupedRef<'a>) -> Self {
+        AxpyRef::Groups(m)
     }
 }
 
@@ -487,13 +551,13 @@ pub(crate) fn swiglu_with(
     x: &[f32],
     gate: MatRef<'_>,
     up: MatRef<'_>,
-    down_t: MatRef<'_>,
+    down_t: AxpyRef<'_>,
     g: &mut [f32],
     u: &mut [f32],
     out: &mut [f32],
 ) {
     assert!(gate.rows == up.rows && gate.cols == up.cols, "gate and up shapes differ");
-    assert!(down_t.rows == gate.rows && down_t.cols == gate.cols, "downᵀ shape differs from gate");
+    assert!(down_t.rows() == gate.rows && down_t.cols() == gate.cols, "downᵀ shape differs from gate");
     out.fill(0.0);
     let (ffn, hidden) = (gate.rows, gate.cols);
     if ffn == 0 || hidden == 0 {
@@ -510,7 +574,7 @@ pub(crate) fn swiglu_with(
         matmul_with(isa, x, gate, g);
         matmul_with(isa, x, up, u);
         crate::activation::silu_mul(g, u);
-        scalar::axpy_rows(g, n_tokens, down_t, out);
+        scalar_axpy(g, n_tokens, down_t, out);
         return;
     };
     let kernel = select(isa);
@@ -541,7 +605,7 @@ pub(crate) fn swiglu_with(
                     }
                     let gb = std::slice::from_raw_parts(gp.ptr().add(j0), (n_tokens - 1) * ffn + (j1 - j0));
                     p.fill(0.0);
-                    axpy(gb, ffn, n_tokens, down_t.row_range(j0, j1), p);
+                    axpy.run(gb, ffn, n_tokens, down_t.row_range(j0, j1), p);
                 }
             };
             for_each_part(sums, part, 3 * ffn * hidden * n_tokens >= MIN_PARALLEL_WORK, block);
@@ -592,7 +656,7 @@ pub fn dot_row(isa: Isa, x: &[f32], w: MatRef<'_>, r: usize) -> f32 {
 }
 
 /// [`axpy_rows_with`] on the active ISA.
-pub fn axpy_rows(a: &[f32], w: MatRef<'_>, y: &mut [f32]) {
+pub fn axpy_rows<'a>(a: &[f32], w: impl Into<AxpyRef<'a>>, y: &mut [f32]) {
     axpy_rows_with(active_isa(), a, w, y)
 }
 
@@ -616,7 +680,8 @@ thread_local! {
 /// added to `y` in block order; the order depends only on the ISA and `rows`, never on the
 /// batch or the thread count. Block sums live in a per-thread scratch buffer reused across
 /// calls (allocated on first use only).
-pub fn axpy_rows_with(isa: Isa, a: &[f32], w: MatRef<'_>, y: &mut [f32]) {
+pub fn axpy_rows_with<'a>(isa: Isa, a: &[f32], w: impl Into<AxpyRef<'a>>, y: &mut [f32]) {
+    let w = w.into();
     assert!(isa.is_supported(), "ISA {} is not supported by this CPU", isa.name());
     let (rows, cols) = (w.rows(), w.cols());
     if cols == 0 {
@@ -629,7 +694,7 @@ pub fn axpy_rows_with(isa: Isa, a: &[f32], w: MatRef<'_>, y: &mut [f32]) {
         return;
     }
     let Some(kernel) = axpy_kernel(isa) else {
-        scalar::axpy_rows(a, n_tokens, w, y);
+        scalar_axpy(a, n_tokens, w, y);
         return;
     };
     let n_blocks = rows.div_ceil(AXPY_ROWS_PER_TASK);
@@ -639,7 +704,7 @@ pub fn axpy_rows_with(isa: Isa, a: &[f32], w: MatRef<'_>, y: &mut [f32]) {
             let r0 = b * AXPY_ROWS_PER_TASK;
             let r1 = (r0 + AXPY_ROWS_PER_TASK).min(rows);
             p.fill(0.0);
-            kernel(&a[r0..], rows, n_tokens, w.row_range(r0, r1), p);
+            kernel.run(&a[r0..], rows, n_tokens, w.row_range(r0, r1), p);
         };
         for_each_part(sums, part, rows * cols * n_tokens >= MIN_PARALLEL_WORK, block);
         add_block_sums(sums, part, y);
@@ -652,10 +717,19 @@ fn axpy_kernel(isa: Isa) -> Option<AxpyKernel> {
     assert!(isa.is_supported(), "ISA {} is not supported by this CPU", isa.name());
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => Some(avx2::axpy_rows),
+        Isa::Avx2 => Some(AxpyKernel { rows: avx2::axpy_rows, groups: groups_avx2::axpy_groups }),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => Some(avx512::axpy_rows),
+        Isa::Avx512 => Some(AxpyKernel { rows: avx512::axpy_rows, groups: groups_avx512::axpy_groups }),
         _ => None,
+    }
+}
+
+/// The scalar oracle of [`axpy_rows_with`]: row by row (groups: group by group) straight
+/// into `y`, without blocks.
+fn scalar_axpy(a: &[f32], n_tokens: usize, w: AxpyRef<'_>, y: &mut [f32]) {
+    match w {
+        AxpyRef::Rows(m) => scalar::axpy_rows(a, n_tokens, m, y),
+        AxpyRef::Groups(m) => crate::row_groups::axpy_scalar(a, m.rows(), n_tokens, m, y),
     }
 }
 
@@ -705,4 +779,18 @@ fn with_block_sums(need: usize, f: impl FnOnce(&mut [f32])) {
 }
 
 /// A SIMD `axpy` kernel (see `avx2::axpy_rows`).
-type AxpyKernel = fn(&[f32], usize, usize, MatRef<'_>, &mut [f32]);
+/// A SIMD `axpy` kernel (see `avx2::axpy_rows`) over `(a, a_stride, n_tokens, w, y)`.
+#[derive(Clone, Copy)]
+struct AxpyKernel {
+    rows: fn(&[f32], usize, usize, MatRef<'_>, &mut [f32]),
+    groups: fn(&[f32], usize, usize, GroupedRef<'_>, &mut [f32]),
+}
+
+impl AxpyKernel {
+    fn run(&self, a: &[f32], a_stride: usize, n_tokens: usize, w: AxpyRef<'_>, y: &mut [f32]) {
+        match w {
+            AxpyRef::Rows(m) => (self.rows)(a, a_stride, n_tokens, m, y),
+            AxpyRef::Groups(m) => (self.groups)(a, a_stride, n_tokens, m, y),
+        }
+    }
+}

@@ -14,7 +14,8 @@ use crate::ids::ExpertKey;
 /// First 8 bytes of every store file.
 pub const MAGIC: [u8; 8] = *b"HMOEXST\0";
 /// Format version written and read by this build.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: q8/q4 extents hold `downᵀ` in groups of four rows after the gate/up bundles.
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed part of the header.
 pub const FIXED_HEADER_LEN: usize = 120;
 /// Bytes of one extent-table entry.
@@ -79,10 +80,29 @@ impl Encoding {
         }
     }
 
-    /// Bytes of one expert: `ffn` bundles of 3 rows.
+    /// The grouped layout of `downᵀ` for quantized encodings
+    /// ([`hetmoe_cpu_kernels::row_groups`]); `None` where `downᵀ` stays in the bundles.
+    pub fn down_groups(self) -> Option<hetmoe_cpu_kernels::row_groups::GroupKind> {
+        use hetmoe_cpu_kernels::row_groups::GroupKind;
+        match self {
+            Encoding::Q8 => Some(GroupKind::Q8),
+            Encoding::Q4 => Some(GroupKind::Q4),
+            Encoding::Bf16 | Encoding::F32 => None,
+        }
+    }
+
+    /// Bytes of one expert: `ffn` bundles of 3 rows (bf16, f32), or of 2 rows (gate, up)
+    /// followed by `downᵀ` in groups of four rows (q8, q4; the last group zero-padded).
     pub fn extent_len(self, hidden: usize, ffn: usize) -> StorageResult<usize> {
         let row = self.row_bytes(hidden)?;
-        row.checked_mul(3).and_then(|v| v.checked_mul(ffn)).ok_or_else(|| StorageError::StoreEncoding {
+        let len = match self.down_groups() {
+            None => row.checked_mul(3).and_then(|v| v.checked_mul(ffn)),
+            Some(_) => row
+                .checked_mul(2)
+                .and_then(|v| v.checked_mul(ffn))
+                .and_then(|v| v.checked_add(row.checked_mul(ffn.div_ceil(4).checked_mul(4)?)?)),
+        };
+        len.ok_or_else(|| StorageError::StoreEncoding {
             encoding: self.name().into(),
             reason: format!("extent size overflows for hidden {hidden}, ffn {ffn}"),
         })

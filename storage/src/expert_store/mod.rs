@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use hetmoe_cpu_kernels::moe::ExpertRef;
 use hetmoe_cpu_kernels::quant::{BlockQ4, BlockQ8};
-use hetmoe_cpu_kernels::WeightsRef;
+use hetmoe_cpu_kernels::row_groups::GroupedRef;
+use hetmoe_cpu_kernels::{MatRef, WeightsRef};
 use parking_lot::Mutex;
 
 pub use aligned::{round_up, AlignedBuf, ALIGN};
@@ -182,11 +183,25 @@ impl ExpertStore {
 
     /// Views a read extent as an expert for `hetmoe_cpu_kernels::moe::expert_swiglu`.
     pub fn expert_ref<'a>(&self, buf: &'a [u8]) -> StorageResult<ExpertRef<'a>> {
-        let w = self.as_weights(buf)?;
-        ExpertRef::bundled(w, self.ffn(), self.hidden()).map_err(|e| StorageError::StoreEncoding {
+        let (ffn, hidden) = (self.ffn(), self.hidden());
+        let kernel_err = |e: hetmoe_cpu_kernels::KernelError| StorageError::StoreEncoding {
             encoding: self.encoding().name().into(),
             reason: e.to_string(),
-        })
+        };
+        let Some(kind) = self.encoding().down_groups() else {
+            let w = self.as_weights(buf)?;
+            return ExpertRef::bundled(w, ffn, hidden).map_err(kernel_err);
+        };
+        // [ffn][gate_j | up_j] bundles, then downᵀ in groups of four rows.
+        let w = self.as_weights(buf)?;
+        let bundles = 2 * ffn * self.encoding().row_bytes(hidden)?;
+        let groups = &buf[bundles..self.extent_len()];
+        let n = 2 * ffn * hidden;
+        let gate_up = w.slice(0, n);
+        let gate = MatRef::strided(gate_up, ffn, hidden, 2 * hidden).map_err(kernel_err)?;
+        let up = MatRef::strided(gate_up.slice(hidden, n), ffn, hidden, 2 * hidden).map_err(kernel_err)?;
+        let down = GroupedRef::new(kind, groups, ffn, hidden).map_err(kernel_err)?;
+        ExpertRef::new(gate, up, down).map_err(kernel_err)
     }
 
     /// Checks that the store was built from the checkpoint in `model_dir` (same

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
+use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::aligned::ALIGN;
@@ -130,8 +131,9 @@ pub fn repack(
     Ok(RepackSummary { path: out.to_path_buf(), encoding, experts: total, file_bytes: layout.file_len })
 }
 
-/// Appends the row-column bundle of one expert (`[ffn][gate_j | up_j | down[:, j]][hidden]`)
-/// in `encoding` to `out`.
+/// Appends one expert's extent in `encoding` to `out`: the row-column bundles
+/// `[ffn][gate_j | up_j | down[:, j]][hidden]` (bf16, f32), or `[ffn][gate_j | up_j][hidden]`
+/// then `downᵀ` in groups of four rows (q8, q4; `docs/expert-store.md`).
 pub(crate) fn build_bundle(
     layer: usize,
     expert: usize,
@@ -174,23 +176,43 @@ pub(crate) fn build_bundle(
             let nb = hidden / QK;
             let mut q8 = vec![BlockQ8 { d: f16::ZERO, qs: [0; QK] }; nb];
             let mut q4 = vec![BlockQ4 { d: f16::ZERO, qs: [0; QK / 2] }; nb];
+            // downᵀ's rows, quantized as gate's and up's are, then grouped after the bundles.
+            let mut d8 = Vec::new();
+            let mut d4 = Vec::new();
             for j in 0..ffn {
-                for m in [&g, &u, &d] {
+                for (i, m) in [&g, &u, &d].into_iter().enumerate() {
                     let row = &m[j * hidden..(j + 1) * hidden];
+                    let is_down = i == 2;
                     if encoding == Encoding::Q8 {
                         quantize_q8(row, &mut q8);
+                        if is_down {
+                            d8.extend_from_slice(&q8);
+                            continue;
+                        }
                         for b in &q8 {
                             out.extend_from_slice(&b.d.to_le_bytes());
                             out.extend(b.qs.iter().map(|&q| q as u8));
                         }
                     } else {
                         quantize_q4(row, &mut q4);
+                        if is_down {
+                            d4.extend_from_slice(&q4);
+                            continue;
+                        }
                         for b in &q4 {
                             out.extend_from_slice(&b.d.to_le_bytes());
                             out.extend_from_slice(&b.qs);
                         }
                     }
                 }
+            }
+            let kind = encoding.down_groups().expect("quantized encodings group downᵀ");
+            let start = out.len();
+            out.resize(start + kind.matrix_bytes(ffn, hidden), 0);
+            if encoding == Encoding::Q8 {
+                group_q8_rows(&d8, ffn, hidden, &mut out[start..]);
+            } else {
+                group_q4_rows(&d4, ffn, hidden, &mut out[start..]);
             }
         }
     }

@@ -1,0 +1,132 @@
+//! The walk shared by the SIMD kernels of the grouped quantized `axpy`
+//! ([`crate::row_groups`]): groups two at a time (each `y` vector is loaded and stored once
+//! for eight rows), every token, blocks in chunks whose activations are prepared together.
+
+use crate::quant::QK;
+use crate::row_groups::{GroupedRef, GROUP_ROWS};
+
+/// Blocks prepared per pass (stack buffers; any `cols` works in several passes).
+pub(super) const CHUNK: usize = 64;
+
+/// One group's prepared activations for a chunk of blocks ([`crate::row_groups::prep_block`]):
+/// the four `ã` as the bytes of one i32 (byte k: row k), the offset correction
+/// `−offset · Σ ã` for kernels that read weights as unsigned bytes, and the scale `s`.
+#[derive(Clone, Copy)]
+pub(super) struct Prepared {
+    pub qa: [i32; CHUNK],
+    pub corr: [i32; CHUNK],
+    pub s: [f32; CHUNK],
+}
+
+impl Prepared {
+    pub const ZERO: Prepared = Prepared { qa: [0; CHUNK], corr: [0; CHUNK], s: [0.0; CHUNK] };
+}
+
+/// One pass: one or two consecutive groups, one token, one chunk of blocks.
+pub(super) struct Pass {
+    /// 1 or 2.
+    pub groups: usize,
+    /// The groups' first bytes (the second equals the first when `groups == 1`).
+    pub grps: [*const u8; 2],
+    /// The activations of the groups' rows for this token (zero for missing rows).
+    pub act: [[f32; GROUP_ROWS]; 2],
+    /// The groups' scales, row by row: row k's block b at `scales[gi] + 2 · (k · nb + b)`.
+    pub scales: [*const u8; 2],
+    /// Blocks `b0 .. b0 + n` of every row.
+    pub b0: usize,
+    pub n: usize,
+    /// This token's row of `y` (`cols` values).
+    pub y: *mut f32,
+    /// Bytes from a group to the first group of the next pair (a prefetch distance).
+    pub prefetch: usize,
+}
+
+/// Panics unless `a` holds `n_tokens` rows (stride `a_stride`) of `w.rows()` values and `y`
+/// `n_tokens` rows of `w.cols()`.
+pub(super) fn check(a: &[f32], a_stride: usize, n_tokens: usize, w: &GroupedRef<'_>, y: &[f32]) {
+    let (rows, cols) = (w.rows(), w.cols());
+    if n_tokens > 0 && rows > 0 {
+        assert!(a_stride >= rows && a.len() >= (n_tokens - 1) * a_stride + rows, "a too short");
+    }
+    assert!(y.len() >= n_tokens * cols, "y too short");
+}
+
+/// The passes of one call, in order: for each pair of groups, for each token, for each
+/// chunk. Each output element sees its groups in ascending order.
+pub(super) struct Passes<'a> {
+    a: &'a [f32],
+    a_stride: usize,
+    n_tokens: usize,
+    w: GroupedRef<'a>,
+    y: *mut f32,
+    g: usize,
+    t: usize,
+    b0: usize,
+}
+
+impl<'a> Passes<'a> {
+    /// `a`, `y` as [`check`] asserts (the caller has called it); `y` is exclusively ours.
+    pub(super) fn new(
+        a: &'a [f32],
+        a_stride: usize,
+        n_tokens: usize,
+        w: GroupedRef<'a>,
+        y: &'a mut [f32],
+    ) -> Self {
+        let empty = n_tokens == 0 || w.rows() == 0 || w.cols() == 0;
+        Passes {
+            a,
+            a_stride,
+            n_tokens,
+            w,
+            y: y.as_mut_ptr(),
+            g: if empty { usize::MAX } else { 0 },
+            t: 0,
+            b0: 0,
+        }
+    }
+
+    pub(super) fn next_pass(&mut self) -> Option<Pass> {
+        let (rows, cols) = (self.w.rows(), self.w.cols());
+        let (ng, nb) = (rows.div_ceil(GROUP_ROWS), cols / QK);
+        if self.g >= ng {
+            return None;
+        }
+        let (g, t, b0) = (self.g, self.t, self.b0);
+        let groups = if g + 1 < ng { 2 } else { 1 };
+        let n = CHUNK.min(nb - b0);
+        let mut act = [[0f32; GROUP_ROWS]; 2];
+        for (gi, act) in act.iter_mut().enumerate().take(groups) {
+            for (k, v) in act.iter_mut().enumerate() {
+                let r = (g + gi) * GROUP_ROWS + k;
+                if r < rows {
+                    *v = self.a[t * self.a_stride + r];
+                }
+            }
+        }
+        let data = self.w.data().as_ptr();
+        let gb = self.w.kind().group_bytes(cols);
+        // Advance: chunk, then token, then pair.
+        self.b0 += CHUNK;
+        if self.b0 >= nb {
+            self.b0 = 0;
+            self.t += 1;
+            if self.t == self.n_tokens {
+                self.t = 0;
+                self.g += groups;
+            }
+        }
+        // In bounds: groups g and g + groups - 1 exist.
+        let grps = [data.wrapping_add(g * gb), data.wrapping_add((g + groups - 1) * gb)];
+        Some(Pass {
+            groups,
+            grps,
+            act,
+            scales: grps,
+            b0,
+            n,
+            y: self.y.wrapping_add(t * cols),
+            prefetch: 2 * gb,
+        })
+    }
+}
