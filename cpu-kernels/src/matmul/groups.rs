@@ -1,9 +1,18 @@
 //! The walk shared by the SIMD kernels of the grouped quantized `axpy`
-//! ([`crate::row_groups`]): groups two at a time (each `y` vector is loaded and stored once
-//! for eight rows), every token, blocks in chunks whose activations are prepared together.
+//! ([`crate::row_groups`]): group by group ([`PASS_GROUPS`]), every token, blocks in chunks
+//! whose activations are prepared together.
 
 use crate::quant::QK;
 use crate::row_groups::{GroupedRef, GROUP_ROWS};
+
+/// Groups per pass (1 or 2). Two share each `y` load and store (faster with the weights
+/// in L2: `kcache` q8 36 vs 28 G weights/s) but read two streams; one read faster from DRAM
+/// (`kbench` `ag`, q8 27.0/27.8 → 29.6/28.5 GB/s), where the engine's experts live.
+/// (A version with the two-group code removed measured slower still for q8, 24.5 GB/s,
+/// unexplained, so the switch stays.)
+const PASS_GROUPS: usize = 1;
+/// Software prefetch distance in groups (1, 2, 3 and 4 measured level).
+const PREFETCH_GROUPS: usize = 2;
 
 /// Blocks prepared per pass (stack buffers; any `cols` works in several passes).
 pub(super) const CHUNK: usize = 64;
@@ -93,7 +102,7 @@ impl<'a> Passes<'a> {
             return None;
         }
         let (g, t, b0) = (self.g, self.t, self.b0);
-        let groups = if g + 1 < ng { 2 } else { 1 };
+        let groups = if PASS_GROUPS == 2 && g + 1 < ng { 2 } else { 1 };
         let n = CHUNK.min(nb - b0);
         let mut act = [[0f32; GROUP_ROWS]; 2];
         for (gi, act) in act.iter_mut().enumerate().take(groups) {
@@ -126,7 +135,7 @@ impl<'a> Passes<'a> {
             b0,
             n,
             y: self.y.wrapping_add(t * cols),
-            prefetch: 2 * gb,
+            prefetch: PREFETCH_GROUPS * gb,
         })
     }
 }
