@@ -1,16 +1,22 @@
 //! The walk shared by the SIMD kernels of the grouped quantized `axpy`
-//! ([`crate::row_groups`]): group by group ([`PASS_GROUPS`]), every token, blocks in chunks
-//! whose activations are prepared together.
+//! ([`crate::row_groups`]): one group at a time for one token, two for several
+//! ([`pass_groups`]), every token, blocks in chunks whose activations are prepared together.
 
 use crate::quant::QK;
 use crate::row_groups::{GroupedRef, GROUP_ROWS};
 
-/// Groups per pass (1 or 2). Two share each `y` load and store (faster with the weights
-/// in L2: `kcache` q8 36 vs 28 G weights/s) but read two streams; one read faster from DRAM
-/// (`kbench` `ag`, q8 27.0/27.8 → 29.6/28.5 GB/s), where the engine's experts live.
-/// (A version with the two-group code removed measured slower still for q8, 24.5 GB/s,
-/// unexplained, so the switch stays.)
-const PASS_GROUPS: usize = 1;
+/// Groups per pass. Two share each `y` load and store (faster with the weights in cache:
+/// `kcache` q8 36 vs 28 G weights/s, prefill q4 +12–15%, q8 +7–15%) but read two streams;
+/// one read faster from DRAM, where one token's experts come from (`kbench` `ag`, q8
+/// 27.0/27.8 → 29.6/28.5 GB/s). Either way every output sees the groups in the same order.
+fn pass_groups(n_tokens: usize) -> usize {
+    if n_tokens == 1 {
+        1
+    } else {
+        2
+    }
+}
+
 /// Software prefetch distance in groups (1, 2, 3 and 4 measured level).
 const PREFETCH_GROUPS: usize = 2;
 
@@ -71,6 +77,7 @@ pub(super) struct Passes<'a> {
     g: usize,
     t: usize,
     b0: usize,
+    pass_groups: usize,
 }
 
 impl<'a> Passes<'a> {
@@ -92,6 +99,7 @@ impl<'a> Passes<'a> {
             g: if empty { usize::MAX } else { 0 },
             t: 0,
             b0: 0,
+            pass_groups: pass_groups(n_tokens),
         }
     }
 
@@ -102,7 +110,7 @@ impl<'a> Passes<'a> {
             return None;
         }
         let (g, t, b0) = (self.g, self.t, self.b0);
-        let groups = if PASS_GROUPS == 2 && g + 1 < ng { 2 } else { 1 };
+        let groups = if self.pass_groups == 2 && g + 1 < ng { 2 } else { 1 };
         let n = CHUNK.min(nb - b0);
         let mut act = [[0f32; GROUP_ROWS]; 2];
         for (gi, act) in act.iter_mut().enumerate().take(groups) {
