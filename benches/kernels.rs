@@ -20,6 +20,7 @@ use hetmoe_cpu_kernels::bandwidth::parallel_read_sum;
 use hetmoe_cpu_kernels::matmul::{matmul, MatRef, WeightsRef};
 use hetmoe_cpu_kernels::moe::{expert_swiglu, ExpertRef};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
+use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
 
 const HIDDEN: usize = 1024;
 const FFN: usize = 3584;
@@ -186,5 +187,52 @@ fn expert(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, probe_start, matvec, probe_mid, expert, probe_end);
+/// Quantized experts as the engine holds them: gate and up as rows, `downᵀ` in groups of
+/// four rows (the down projection on integer dot products).
+fn expert_grouped(c: &mut Criterion) {
+    let mut g = c.benchmark_group("expert_swiglu_grouped_down_3584x1024");
+    g.sample_size(10);
+    let w = pseudo_random(3 * FFN * HIDDEN, 3);
+    for dt in [Dt::Q8, Dt::Q4] {
+        let (kind, rows) = match dt {
+            Dt::Q8 => (GroupKind::Q8, Store::new(dt, &w[..2 * FFN * HIDDEN])),
+            _ => (GroupKind::Q4, Store::new(dt, &w[..2 * FFN * HIDDEN])),
+        };
+        let mut down = vec![0u8; kind.matrix_bytes(FFN, HIDDEN)];
+        match Store::new(dt, &w[2 * FFN * HIDDEN..]) {
+            Store::Q8(b) => group_q8_rows(&b, FFN, HIDDEN, &mut down),
+            Store::Q4(b) => group_q4_rows(&b, FFN, HIDDEN, &mut down),
+            _ => unreachable!("quantized formats only"),
+        }
+        let n_copies = WORKING_SET.div_ceil(rows.view().size_bytes() + down.len()).max(1);
+        let copies: Vec<(Store, Vec<u8>)> =
+            rows.copies().into_iter().take(n_copies).map(|r| (r, down.clone())).collect();
+        let views: Vec<ExpertRef<'_>> = copies
+            .iter()
+            .map(|(r, d)| {
+                let m = MatRef::new(r.view(), 2 * FFN, HIDDEN).unwrap();
+                let down = GroupedRef::new(kind, d, FFN, HIDDEN).unwrap();
+                ExpertRef::new(m.row_range(0, FFN), m.row_range(FFN, 2 * FFN), down).unwrap()
+            })
+            .collect();
+        let bytes: usize = views.iter().map(|e| e.size_bytes()).sum();
+        for n in [1usize, 8] {
+            let x = pseudo_random(n * HIDDEN, 4);
+            let mut act = vec![0f32; 2 * n * FFN];
+            let mut out = vec![0f32; n * HIDDEN];
+            g.throughput(Throughput::Bytes(bytes as u64));
+            g.bench_function(format!("{}_n{n}", dt.name()), |b| {
+                b.iter(|| {
+                    for e in &views {
+                        expert_swiglu(&x, *e, &mut act, &mut out);
+                    }
+                    black_box(&out);
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, probe_start, matvec, probe_mid, expert, expert_grouped, probe_end);
 criterion_main!(benches);
