@@ -666,6 +666,8 @@ pub fn axpy_rows<'a>(a: &[f32], w: impl Into<AxpyRef<'a>>, y: &mut [f32]) {
 /// Blocks of whole rows keep each thread's reads long and contiguous (splitting columns
 /// instead makes every core's prefetchers pull whole rows, doubling DRAM traffic).
 const AXPY_ROWS_PER_TASK: usize = 128;
+// Row blocks of grouped matrices must hold whole groups.
+const _: () = assert!(AXPY_ROWS_PER_TASK.is_multiple_of(crate::row_groups::GROUP_ROWS));
 
 thread_local! {
     /// Per-thread buffer for the block sums of [`axpy_rows_with`] (grows, never shrinks).
