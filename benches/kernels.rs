@@ -160,6 +160,29 @@ fn matvec(c: &mut Criterion) {
     g.finish();
 }
 
+/// Times one pass over `views` for 1 and 8 tokens, as GB/s of weights read.
+fn bench_experts(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    dt: Dt,
+    views: &[ExpertRef<'_>],
+) {
+    let bytes: usize = views.iter().map(|e| e.size_bytes()).sum();
+    for n in [1usize, 8] {
+        let x = pseudo_random(n * HIDDEN, 4);
+        let mut act = vec![0f32; 2 * n * FFN];
+        let mut out = vec![0f32; n * HIDDEN];
+        g.throughput(Throughput::Bytes(bytes as u64));
+        g.bench_function(format!("{}_n{n}", dt.name()), |b| {
+            b.iter(|| {
+                for e in views {
+                    expert_swiglu(&x, *e, &mut act, &mut out);
+                }
+                black_box(&out);
+            })
+        });
+    }
+}
+
 fn expert(c: &mut Criterion) {
     let mut g = c.benchmark_group("expert_swiglu_3584x1024");
     g.sample_size(10);
@@ -168,21 +191,7 @@ fn expert(c: &mut Criterion) {
         let experts = Store::new(dt, &w).copies();
         let views: Vec<ExpertRef<'_>> =
             experts.iter().map(|e| ExpertRef::bundled(e.view(), FFN, HIDDEN).unwrap()).collect();
-        let bytes: usize = views.iter().map(|e| e.size_bytes()).sum();
-        for n in [1usize, 8] {
-            let x = pseudo_random(n * HIDDEN, 4);
-            let mut act = vec![0f32; 2 * n * FFN];
-            let mut out = vec![0f32; n * HIDDEN];
-            g.throughput(Throughput::Bytes(bytes as u64));
-            g.bench_function(format!("{}_n{n}", dt.name()), |b| {
-                b.iter(|| {
-                    for e in &views {
-                        expert_swiglu(&x, *e, &mut act, &mut out);
-                    }
-                    black_box(&out);
-                })
-            });
-        }
+        bench_experts(&mut g, dt, &views);
     }
     g.finish();
 }
@@ -215,21 +224,7 @@ fn expert_grouped(c: &mut Criterion) {
                 ExpertRef::new(m.row_range(0, FFN), m.row_range(FFN, 2 * FFN), down).unwrap()
             })
             .collect();
-        let bytes: usize = views.iter().map(|e| e.size_bytes()).sum();
-        for n in [1usize, 8] {
-            let x = pseudo_random(n * HIDDEN, 4);
-            let mut act = vec![0f32; 2 * n * FFN];
-            let mut out = vec![0f32; n * HIDDEN];
-            g.throughput(Throughput::Bytes(bytes as u64));
-            g.bench_function(format!("{}_n{n}", dt.name()), |b| {
-                b.iter(|| {
-                    for e in &views {
-                        expert_swiglu(&x, *e, &mut act, &mut out);
-                    }
-                    black_box(&out);
-                })
-            });
-        }
+        bench_experts(&mut g, dt, &views);
     }
     g.finish();
 }

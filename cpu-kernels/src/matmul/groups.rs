@@ -147,3 +147,68 @@ impl<'a> Passes<'a> {
         })
     }
 }
+
+/// Defines, in the invoking ISA module (which has `prep` and `unit`), `run_checked`: the
+/// grouped `axpy` of one block of rows after [`check`], and `run`, its walk over [`Passes`].
+macro_rules! grouped_axpy {
+    (feat: $feat:literal) => {
+        /// [`super::groups::check`]s the shapes, then runs the kernel for `w`'s format.
+        ///
+        /// # Safety
+        /// The CPU has the features of this module.
+        unsafe fn run_checked(a: &[f32], a_stride: usize, n_tokens: usize, w: GroupedRef<'_>, y: &mut [f32]) {
+            super::groups::check(a, a_stride, n_tokens, &w, y);
+            // SAFETY: features present (caller); shapes checked just above.
+            unsafe {
+                match w.kind() {
+                    GroupKind::Q8 => run::<0>(a, a_stride, n_tokens, w, y),
+                    GroupKind::Q4 => run::<1>(a, a_stride, n_tokens, w, y),
+                }
+            }
+        }
+
+        /// # Safety
+        /// The features of this module present; shapes as [`super::groups::check`] asserts.
+        #[target_feature(enable = $feat)]
+        unsafe fn run<const Q: u8>(
+            a: &[f32],
+            a_stride: usize,
+            n_tokens: usize,
+            w: GroupedRef<'_>,
+            y: &mut [f32],
+        ) {
+            let nb = w.cols() / QK;
+            // Bytes of a group's scales: its units follow.
+            let units = 2 * GROUP_ROWS * nb;
+            let offset = w.kind().offset();
+            let mut prepared = [Prepared::ZERO; 2];
+            let mut passes = Passes::new(a, a_stride, n_tokens, w, y);
+            while let Some(pass) = passes.next_pass() {
+                // SAFETY: the pass's groups hold nb blocks each and its y row cols = nb · 32
+                // values (Passes); the CPU features hold (caller).
+                unsafe {
+                    for gi in 0..pass.groups {
+                        prep(pass.scales[gi], nb, pass.b0, pass.n, pass.act[gi], offset, &mut prepared[gi]);
+                        // The scales of the group the unit prefetches aim at.
+                        let mut off = 0;
+                        while off < units {
+                            prefetch(pass.scales[gi].wrapping_add(pass.prefetch + off));
+                            off += 64;
+                        }
+                    }
+                    for i in 0..pass.n {
+                        let b = pass.b0 + i;
+                        let yb = pass.y.add(b * QK);
+                        if pass.groups == 2 {
+                            unit::<Q, 2>(pass.grps, units, b, &prepared, i, yb, pass.prefetch);
+                        } else {
+                            unit::<Q, 1>([pass.grps[0]], units, b, &prepared, i, yb, pass.prefetch);
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
+pub(super) use grouped_axpy;

@@ -129,47 +129,8 @@ pub(super) fn axpy_groups(a: &[f32], a_stride: usize, n_tokens: usize, w: Groupe
         return super::groups_avx2::axpy_groups(a, a_stride, n_tokens, w, y);
     }
     assert!(crate::dispatch::Isa::Avx512.is_supported(), "AVX-512 kernel called on a CPU without AVX-512");
-    super::groups::check(a, a_stride, n_tokens, &w, y);
-    // SAFETY: features checked above; shapes checked by `check`.
-    unsafe {
-        match w.kind() {
-            GroupKind::Q8 => run::<0>(a, a_stride, n_tokens, w, y),
-            GroupKind::Q4 => run::<1>(a, a_stride, n_tokens, w, y),
-        }
-    }
+    // SAFETY: AVX-512 F/BW/VL and VNNI checked above.
+    unsafe { run_checked(a, a_stride, n_tokens, w, y) }
 }
 
-/// # Safety
-/// AVX-512 F/BW/VL and VNNI present; shapes as [`super::groups::check`] asserts.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512vnni")]
-unsafe fn run<const Q: u8>(a: &[f32], a_stride: usize, n_tokens: usize, w: GroupedRef<'_>, y: &mut [f32]) {
-    let nb = w.cols() / QK;
-    let units = 2 * GROUP_ROWS * nb;
-    let offset = w.kind().offset();
-    let mut prepared = [Prepared::ZERO; 2];
-    let mut passes = Passes::new(a, a_stride, n_tokens, w, y);
-    while let Some(pass) = passes.next_pass() {
-        // SAFETY: the pass's groups hold nb blocks each and its y row cols = nb · 32 values
-        // (Passes); the CPU features hold (caller).
-        unsafe {
-            for gi in 0..pass.groups {
-                prep(pass.scales[gi], nb, pass.b0, pass.n, pass.act[gi], offset, &mut prepared[gi]);
-                // The next pair's scales (its units are prefetched as this pair's are read).
-                let mut off = 0;
-                while off < units {
-                    prefetch(pass.scales[gi].wrapping_add(pass.prefetch + off));
-                    off += 64;
-                }
-            }
-            for i in 0..pass.n {
-                let b = pass.b0 + i;
-                let yb = pass.y.add(b * QK);
-                if pass.groups == 2 {
-                    unit::<Q, 2>(pass.grps, units, b, &prepared, i, yb, pass.prefetch);
-                } else {
-                    unit::<Q, 1>([pass.grps[0]], units, b, &prepared, i, yb, pass.prefetch);
-                }
-            }
-        }
-    }
-}
+super::groups::grouped_axpy!(feat: "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512vnni");
