@@ -63,9 +63,15 @@ fn main() {
     let bsets: Vec<HugeBuf<bf16>> = (0..nb).map(|_| HugeBuf::from_slice(&wb)).collect();
     let q8sets: Vec<HugeBuf<BlockQ8>> = (0..nq8).map(|_| HugeBuf::from_slice(&q8)).collect();
     let q4sets: Vec<HugeBuf<BlockQ4>> = (0..nq4).map(|_| HugeBuf::from_slice(&q4)).collect();
+    let which: Vec<String> =
+        std::env::var("KB").unwrap_or("mv,ex".into()).split(',').map(String::from).collect();
     // The same quantized sets in groups of four rows (the engine's layout for `downᵀ`), for
-    // `ag` (grouped axpy) and `eg` (expert with grouped `downᵀ`).
+    // `ag` (grouped axpy) and `eg` (expert with grouped `downᵀ`); allocated only for them.
+    let want_grouped = which.iter().any(|k| k == "ag" || k == "eg");
     let grouped = |kind: GroupKind, n: usize| -> Vec<HugeBuf<u8>> {
+        if !want_grouped {
+            return Vec::new();
+        }
         let mut g = vec![0u8; kind.matrix_bytes(3 * F, H)];
         match kind {
             GroupKind::Q8 => group_q8_rows(&q8, 3 * F, H, &mut g),
@@ -87,8 +93,6 @@ fn main() {
     let mut y = vec![0f32; 32 * 3 * F];
     let mut out = vec![0f32; 32 * H];
     let mut act = vec![0f32; 2 * 32 * F];
-    let which: Vec<String> =
-        std::env::var("KB").unwrap_or("mv,ex".into()).split(',').map(String::from).collect();
     let mut best: Vec<(String, f64)> = Vec::new();
     let mut note = |k: String, g: f64| match best.iter_mut().find(|(n, _)| *n == k) {
         Some(e) => e.1 = e.1.max(g),
