@@ -37,9 +37,26 @@ enum Store {
     F16(HugeBuf<f16>),
     Q8(HugeBuf<BlockQ8>),
     Q4(HugeBuf<BlockQ4>),
-    /// Quantized rows in groups of four (`downᵀ` of quantized MLPs, read only by the
-    /// `axpy`: [`hetmoe_cpu_kernels::row_groups`]).
-    Grouped(GroupKind, HugeBuf<u8>),
+}
+
+/// A matrix read only as the terms of an `axpy` (an MLP's `downᵀ`): rows, or for quantized
+/// weights rows in groups of four ([`hetmoe_cpu_kernels::row_groups`]).
+#[derive(Debug, Clone)]
+pub(crate) enum AxpyLinear {
+    Rows(Linear),
+    Groups { kind: GroupKind, data: HugeBuf<u8>, rows: usize, cols: usize },
+}
+
+impl AxpyLinear {
+    /// The view the `axpy` kernels read.
+    pub(crate) fn view(&self) -> AxpyRef<'_> {
+        match self {
+            AxpyLinear::Rows(m) => m.mat().into(),
+            AxpyLinear::Groups { kind, data, rows, cols } => {
+                GroupedRef::new(*kind, data, *rows, *cols).expect("shape checked at load").into()
+            }
+        }
+    }
 }
 
 /// How matrices are held in memory.
@@ -111,37 +128,29 @@ impl Linear {
             Store::F16(v) => WeightsRef::F16(&v[..]),
             Store::Q8(v) => WeightsRef::Q8(&v[..]),
             Store::Q4(v) => WeightsRef::Q4(&v[..]),
-            Store::Grouped(..) => unreachable!("grouped rows are only read through axpy_view"),
         };
         MatRef::new(data, self.rows, self.cols).expect("shape checked at load")
     }
 
-    /// The matrix as the `axpy` reads it (rows, or groups of rows).
-    pub(crate) fn axpy_view(&self) -> AxpyRef<'_> {
-        match &self.store {
-            Store::Grouped(kind, v) => {
-                GroupedRef::new(*kind, v, self.rows, self.cols).expect("shape checked at load").into()
-            }
-            _ => self.mat().into(),
-        }
-    }
-
-    /// [`Linear::quantized`], then in groups of four rows for the `axpy`.
-    fn quantized_grouped(self, format: WeightFormat) -> Linear {
+    /// [`Linear::quantized`], then (q8, q4) in groups of four rows for the `axpy`.
+    fn quantized_for_axpy(self, format: WeightFormat) -> AxpyLinear {
         let q = self.quantized(format);
         let (rows, cols) = (q.rows, q.cols);
-        let (kind, blocks) = match &q.store {
-            Store::Q8(b) => (GroupKind::Q8, WeightsRef::Q8(b)),
-            Store::Q4(b) => (GroupKind::Q4, WeightsRef::Q4(b)),
-            _ => return q,
+        let zeroed = |kind: GroupKind| HugeBuf::<u8>::zeroed(kind.matrix_bytes(rows, cols));
+        let (kind, data) = match &q.store {
+            Store::Q8(b) => {
+                let mut data = zeroed(GroupKind::Q8);
+                group_q8_rows(b, rows, cols, &mut data);
+                (GroupKind::Q8, data)
+            }
+            Store::Q4(b) => {
+                let mut data = zeroed(GroupKind::Q4);
+                group_q4_rows(b, rows, cols, &mut data);
+                (GroupKind::Q4, data)
+            }
+            _ => return AxpyLinear::Rows(q),
         };
-        let mut out = HugeBuf::<u8>::zeroed(kind.matrix_bytes(rows, cols));
-        match blocks {
-            WeightsRef::Q8(b) => group_q8_rows(b, rows, cols, &mut out),
-            WeightsRef::Q4(b) => group_q4_rows(b, rows, cols, &mut out),
-            _ => unreachable!("matched above"),
-        }
-        Linear { store: Store::Grouped(kind, out), rows, cols }
+        AxpyLinear::Groups { kind, data, rows, cols }
     }
 
     /// `[cols, rows]`, same dtype, owned (down projections are kept transposed so that
@@ -218,13 +227,12 @@ fn transpose<T: ZeroValid>(src: &[T], rows: usize, cols: usize) -> HugeBuf<T> {
 pub(crate) struct Mlp {
     pub gate: Linear,
     pub up: Linear,
-    pub down_t: Linear,
+    pub down_t: AxpyLinear,
 }
 
 impl Mlp {
     pub(crate) fn expert(&self) -> ExpertRef<'_> {
-        ExpertRef::new(self.gate.mat(), self.up.mat(), self.down_t.axpy_view())
-            .expect("shapes checked at load")
+        ExpertRef::new(self.gate.mat(), self.up.mat(), self.down_t.view()).expect("shapes checked at load")
     }
 }
 
@@ -351,7 +359,7 @@ impl Loader<'_> {
         Ok(Mlp {
             gate: self.proj(keys[0], ffn, h)?,
             up: self.proj(keys[1], ffn, h)?,
-            down_t: self.linear(keys[2], h, ffn)?.transposed().quantized_grouped(self.format),
+            down_t: self.linear(keys[2], h, ffn)?.transposed().quantized_for_axpy(self.format),
         })
     }
 }
