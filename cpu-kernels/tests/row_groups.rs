@@ -70,11 +70,16 @@ fn grouped_axpy_matches_scalar_and_is_batch_and_thread_invariant() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     // Rows: under a group, one group, odd, several 128-row blocks; columns: one block, a
     // chunk of 64 blocks plus one (2080), and a real hidden size.
-    let shapes = [(1, 32), (3, 64), (4, 32), (9, 96), (37, 64), (128, 2080), (133, 256), (333, 1024)];
+    let shapes =
+        [(0, 32), (5, 0), (1, 32), (3, 64), (4, 32), (9, 96), (37, 64), (128, 2080), (133, 256), (333, 1024)];
     for (rows, cols) in shapes {
         let m = Quant::new(&rand_vec(&mut rng, rows * cols), rows, cols);
         for kind in KINDS {
-            let w = m.grouped(kind);
+            // From an odd address: the kernels' loads are unaligned.
+            let bytes = if kind == GroupKind::Q8 { &m.g8 } else { &m.g4 };
+            let mut shifted = vec![0u8; bytes.len() + 1];
+            shifted[1..].copy_from_slice(bytes);
+            let w = GroupedRef::new(kind, &shifted[1..], rows, cols).unwrap();
             for n in [1, 2, 5] {
                 let a = rand_vec(&mut rng, n * rows);
                 let mut want = vec![0f32; n * cols];
