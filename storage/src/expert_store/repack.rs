@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
-use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows};
+use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::aligned::ALIGN;
@@ -176,29 +176,17 @@ pub(crate) fn build_bundle(
             let nb = hidden / QK;
             let mut q8 = vec![BlockQ8 { d: f16::ZERO, qs: [0; QK] }; nb];
             let mut q4 = vec![BlockQ4 { d: f16::ZERO, qs: [0; QK / 2] }; nb];
-            // downᵀ's rows, quantized as gate's and up's are, then grouped after the bundles.
-            let mut d8 = Vec::new();
-            let mut d4 = Vec::new();
             for j in 0..ffn {
-                for (i, m) in [&g, &u, &d].into_iter().enumerate() {
+                for m in [&g, &u] {
                     let row = &m[j * hidden..(j + 1) * hidden];
-                    let is_down = i == 2;
                     if encoding == Encoding::Q8 {
                         quantize_q8(row, &mut q8);
-                        if is_down {
-                            d8.extend_from_slice(&q8);
-                            continue;
-                        }
                         for b in &q8 {
                             out.extend_from_slice(&b.d.to_le_bytes());
                             out.extend(b.qs.iter().map(|&q| q as u8));
                         }
                     } else {
                         quantize_q4(row, &mut q4);
-                        if is_down {
-                            d4.extend_from_slice(&q4);
-                            continue;
-                        }
                         for b in &q4 {
                             out.extend_from_slice(&b.d.to_le_bytes());
                             out.extend_from_slice(&b.qs);
@@ -206,13 +194,19 @@ pub(crate) fn build_bundle(
                     }
                 }
             }
-            let kind = encoding.down_groups().expect("quantized encodings group downᵀ");
+            // Then downᵀ, its rows quantized the same way (blocks never cross a row, as
+            // hidden % 32 == 0), in groups of four rows.
             let start = out.len();
-            out.resize(start + kind.matrix_bytes(ffn, hidden), 0);
             if encoding == Encoding::Q8 {
-                group_q8_rows(&d8, ffn, hidden, &mut out[start..]);
+                let mut blocks = vec![BlockQ8 { d: f16::ZERO, qs: [0; QK] }; ffn * nb];
+                quantize_q8(&d, &mut blocks);
+                out.resize(start + GroupKind::Q8.matrix_bytes(ffn, hidden), 0);
+                group_q8_rows(&blocks, ffn, hidden, &mut out[start..]);
             } else {
-                group_q4_rows(&d4, ffn, hidden, &mut out[start..]);
+                let mut blocks = vec![BlockQ4 { d: f16::ZERO, qs: [0; QK / 2] }; ffn * nb];
+                quantize_q4(&d, &mut blocks);
+                out.resize(start + GroupKind::Q4.matrix_bytes(ffn, hidden), 0);
+                group_q4_rows(&blocks, ffn, hidden, &mut out[start..]);
             }
         }
     }
