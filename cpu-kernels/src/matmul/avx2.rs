@@ -237,9 +237,9 @@ unsafe fn weight_bytes<const Q: u8>(p: *const u8) -> __m256i {
 /// Blocks per step of the q4 kernel ([`crate::quant::group_q4_acts`]).
 pub(super) const Q4_GROUP: usize = 2;
 
-/// Two q4 blocks at `p` (36 bytes) as signed weights (`nibble − 8`): the low nibbles
-/// (weights 0..16 of each block, block order) and the high ones (weights 16..32), and each
-/// block's scale in its four lanes (lanes 4k..4k + 4: block k).
+/// Two q4 blocks at `p` (36 bytes) as their unsigned nibbles (`q + 8`, 0..16): the low
+/// nibbles (weights 0..16 of each block, block order) and the high ones (weights 16..32),
+/// and each block's scale in its four lanes (lanes 4k..4k + 4: block k).
 ///
 /// # Safety
 /// `p` points to two readable q4 blocks; `lut` is [`super::f16_table`].
@@ -249,14 +249,10 @@ unsafe fn q4_pair(p: *const u8, lut: *const f32) -> (__m256i, __m256i, __m256) {
     // SAFETY: quants at 2..18 and 20..36, scales at 0 and 18, all inside the two blocks.
     unsafe {
         let v = _mm256_loadu2_m128i(p.add(2 + Q4_BYTES) as *const __m128i, p.add(2) as *const __m128i);
-        let (m, eight) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(8));
+        let m = _mm256_set1_epi8(0x0f);
         let sa = _mm_set1_ps(*lut.add((p as *const u16).read_unaligned() as usize));
         let sb = _mm_set1_ps(*lut.add((p.add(Q4_BYTES) as *const u16).read_unaligned() as usize));
-        (
-            _mm256_sub_epi8(_mm256_and_si256(v, m), eight),
-            _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(v), m), eight),
-            _mm256_set_m128(sb, sa),
-        )
+        (_mm256_and_si256(v, m), _mm256_and_si256(_mm256_srli_epi16::<4>(v), m), _mm256_set_m128(sb, sa))
     }
 }
 
@@ -269,12 +265,14 @@ unsafe fn q4_pair(p: *const u8, lut: *const f32) -> (__m256i, __m256i, __m256) {
 ///
 /// # Safety
 /// Each `w[r]` points to `nb` readable blocks of kind `Q`; `q` to `T` rows of
-/// `cols = nb · 32` values, `ls` to `T` rows of `cols / 4` scales (at those strides); `lut`
-/// is [`super::f16_table`].
+/// `cols = nb · 32` values, `ns` and `ls` to `T` rows of `cols / 4` sums and scales (at
+/// those strides); `lut` is [`super::f16_table`].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn qdot_tile<const Q: u8, const R: usize, const T: usize>(
     q: *const i8,
+    ns: *const i32,
     ls: *const f32,
     cols: usize,
     w: [*const u8; R],
@@ -289,11 +287,18 @@ unsafe fn qdot_tile<const Q: u8, const R: usize, const T: usize>(
     let mut b = 0;
     if Q == Q_4 {
         // Pairs of blocks (activations grouped by `quant::group_q4_acts`): per 32-bit lane
-        // the four low-nibble and four high-nibble products of one block; the two 16-bit
-        // pair sums are added before `pmaddwd` (|sum| ≤ 4 · 127 · 8, no saturation), so one
-        // `pmaddwd`, one conversion and one FMA serve 64 weights.
+        // the four low-nibble and four high-nibble products of one block. The nibbles enter
+        // `pmaddubsw` as they are stored, unsigned (`q + 8`), against the signed activations
+        // (pair sums at most 2 · 15 · 127, two of them added before `pmaddwd`: no
+        // saturation); the lane's `8 · Σ xq` comes off as `8 · neg_sums`, so the integer sum
+        // is exactly `Σ q · xq` without the sign trick's two `abs` and two `sign` per row
+        // and token. One `pmaddwd`, one conversion and one FMA serve 64 weights.
         while b + Q4_GROUP <= nb {
             let lane = b / Q4_GROUP * (Q4_GROUP * LANE_GROUP);
+            // SAFETY: token t's 8 grouped sums at lane b / 2 · 8 (inside the pair's own 16).
+            let off: [__m256i; T] = std::array::from_fn(|t| unsafe {
+                _mm256_slli_epi32::<3>(_mm256_loadu_si256(ns.add(t * g + lane) as *const __m256i))
+            });
             // Row by row (16 registers do not hold every row's weights and every token's
             // activations at once); the activations are L1 loads.
             for r in 0..R {
@@ -314,11 +319,8 @@ unsafe fn qdot_tile<const Q: u8, const R: usize, const T: usize>(
                             _mm256_loadu_ps(ls.add(t * g + lane)),
                         )
                     };
-                    let s = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(_mm256_abs_epi8(xl), _mm256_sign_epi8(lo, xl)),
-                        _mm256_maddubs_epi16(_mm256_abs_epi8(xh), _mm256_sign_epi8(hi, xh)),
-                    );
-                    let v = _mm256_madd_epi16(s, ones);
+                    let s = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                    let v = _mm256_add_epi32(_mm256_madd_epi16(s, ones), off[t]);
                     acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(sc, dx), acc[t][r]);
                 }
             }
@@ -396,8 +398,17 @@ pub(super) unsafe fn tiles<const K: u8, const QUANT: bool>(
                 }
                 let xt = xp.add($t0 * cols);
                 if QUANT {
-                    let (q, ls) = (x.q.as_ptr(), x.scales.as_ptr());
-                    qdot_tile::<K, $r, $t>(q.add($t0 * cols), ls.add($t0 * g), cols, wp, nb, pf, lut)
+                    let (q, ns, ls) = (x.q.as_ptr(), x.neg_sums.as_ptr(), x.scales.as_ptr());
+                    qdot_tile::<K, $r, $t>(
+                        q.add($t0 * cols),
+                        ns.add($t0 * g),
+                        ls.add($t0 * g),
+                        cols,
+                        wp,
+                        nb,
+                        pf,
+                        lut,
+                    )
                 } else {
                     dense_tile::<K, $r, $t>(xt, cols, wp, cols, pf)
                 }
