@@ -67,7 +67,7 @@ fn main() {
         std::env::var("KB").unwrap_or("mv,ex".into()).split(',').map(String::from).collect();
     // The same quantized sets in groups of four rows (the engine's layout for `downᵀ`), for
     // `ag` (grouped axpy) and `eg` (expert with grouped `downᵀ`); allocated only for them.
-    let want_grouped = which.iter().any(|k| k == "ag" || k == "eg");
+    let want_grouped = which.iter().any(|k| k == "ag" || k == "eg" || k == "ei");
     let grouped = |kind: GroupKind, n: usize| -> Vec<HugeBuf<u8>> {
         if !want_grouped {
             return Vec::new();
@@ -148,6 +148,22 @@ fn main() {
                         });
                         line += &format!(" eg {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
                         note(format!("eg {name} n{n}"), g);
+                    }
+                    if which.contains(&"ei".to_string()) && n == 1 {
+                        // Gate and up interleaved row by row, downᵀ apart (grouped when quantized).
+                        let g = rate(bytes, || {
+                            for (i, m) in set.iter().enumerate() {
+                                let gu = m.row_range(0, 2 * F);
+                                let e = match gset {
+                                    Some(gs) => ExpertRef::interleaved(gu, gs[i].row_range(2 * F, 3 * F)),
+                                    None => ExpertRef::interleaved(gu, m.row_range(2 * F, 3 * F)),
+                                }
+                                .unwrap();
+                                expert_swiglu(&x[..n * H], e, &mut act, &mut out[..n * H]);
+                            }
+                        });
+                        line += &format!(" ei {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
+                        note(format!("ei {name} n{n}"), g);
                     }
                     if which.contains(&"es".to_string()) && n == 1 {
                         // The engine's in-memory layout: gate, up and downᵀ as separate matrices.

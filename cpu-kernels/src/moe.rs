@@ -17,6 +17,9 @@ pub struct ExpertRef<'a> {
     pub gate: MatRef<'a>,
     pub up: MatRef<'a>,
     pub down_t: AxpyRef<'a>,
+    /// `[2 · ffn, hidden]` with row `2j` = gate row `j`, `2j + 1` = up row `j`, when the
+    /// expert was made by [`ExpertRef::interleaved`] (`gate` and `up` then view its rows).
+    gate_up: Option<MatRef<'a>>,
 }
 
 impl<'a> ExpertRef<'a> {
@@ -37,7 +40,29 @@ impl<'a> ExpertRef<'a> {
                 });
             }
         }
-        Ok(Self { gate, up, down_t })
+        Ok(Self { gate, up, down_t, gate_up: None })
+    }
+
+    /// Gate and up rows interleaved in one matrix `gate_up` (`[2 · ffn, hidden]`: row `2j`
+    /// gate row `j`, row `2j + 1` up row `j`), `downᵀ` apart: the fused kernel reads gate and
+    /// up as one stream. Same numbers as [`ExpertRef::new`] on the same rows.
+    pub fn interleaved(gate_up: MatRef<'a>, down_t: impl Into<AxpyRef<'a>>) -> Result<Self, KernelError> {
+        let (rows, hidden) = (gate_up.rows(), gate_up.cols());
+        if !rows.is_multiple_of(2) {
+            return Err(KernelError::WeightLength {
+                rows,
+                cols: hidden,
+                expected: (rows + 1) * hidden,
+                actual: rows * hidden,
+            });
+        }
+        let (ffn, s) = (rows / 2, gate_up.stride());
+        let data = gate_up.data();
+        let gate = MatRef::strided(data, ffn, hidden, 2 * s)?;
+        let up = MatRef::strided(data.slice(s.min(data.len()), data.len()), ffn, hidden, 2 * s)?;
+        let mut e = Self::new(gate, up, down_t)?;
+        e.gate_up = Some(gate_up);
+        Ok(e)
     }
 
     /// Views a row-column bundle: for each neuron j, `hidden` gate weights, `hidden` up
@@ -53,7 +78,7 @@ impl<'a> ExpertRef<'a> {
             });
         }
         let part = |i: usize| MatRef::strided(data.slice(i * hidden, n), ffn, hidden, 3 * hidden);
-        Ok(Self { gate: part(0)?, up: part(1)?, down_t: part(2)?.into() })
+        Ok(Self { gate: part(0)?, up: part(1)?, down_t: part(2)?.into(), gate_up: None })
     }
 
     pub fn ffn(&self) -> usize {
@@ -96,9 +121,8 @@ fn tokens(x: &[f32], e: &ExpertRef<'_>, out: &[f32]) -> usize {
 
 /// [`expert_swiglu`] on a given ISA.
 pub fn expert_swiglu_with(isa: Isa, x: &[f32], e: ExpertRef<'_>, act: &mut [f32], out: &mut [f32]) {
-    let n = tokens(x, &e, out);
-    let (g, u) = split_act(act, n, e.ffn());
-    crate::matmul::swiglu_with(isa, x, e.gate, e.up, e.down_t, g, u, out);
+    tokens(x, &e, out);
+    crate::matmul::swiglu_with(isa, x, e.gate, e.up, e.gate_up, e.down_t, act, out);
 }
 
 /// The unfused composition (matmul gate, matmul up, silu·mul, axpy with `downᵀ`): the

@@ -301,10 +301,12 @@ fn axpy_rows_matches_scalar_and_is_batch_invariant() {
     }
 }
 
-/// An expert of `dt` as one row-column bundle and as three separate matrices.
+/// An expert of `dt` as one row-column bundle, as three separate matrices, and as gate and
+/// up interleaved row by row (viewed from a misaligned start) with `downᵀ` apart.
 struct Expert {
     bundle: Store,
     parts: [Store; 3],
+    gate_up: Store,
     ffn: usize,
     hidden: usize,
 }
@@ -315,12 +317,20 @@ impl Expert {
         let part = |i: usize| -> Vec<f32> {
             (0..ffn).flat_map(|j| v[(3 * j + i) * hidden..(3 * j + i + 1) * hidden].to_vec()).collect()
         };
+        let gate_up: Vec<f32> =
+            (0..ffn).flat_map(|j| v[3 * j * hidden..(3 * j + 2) * hidden].to_vec()).collect();
         Expert {
             bundle: Store::new(dt, &v, 0),
             parts: [Store::new(dt, &part(0), 0), Store::new(dt, &part(1), 0), Store::new(dt, &part(2), 0)],
+            gate_up: Store::new(dt, &gate_up, 1),
             ffn,
             hidden,
         }
+    }
+    fn interleaved(&self) -> ExpertRef<'_> {
+        let gu = MatRef::new(self.gate_up.view(1), 2 * self.ffn, self.hidden).unwrap();
+        let down = MatRef::new(self.parts[2].view(0), self.ffn, self.hidden).unwrap();
+        ExpertRef::interleaved(gu, down).unwrap()
     }
     fn bundled(&self) -> ExpertRef<'_> {
         ExpertRef::bundled(self.bundle.view(0), self.ffn, self.hidden).unwrap()
@@ -364,13 +374,28 @@ fn expert_swiglu_invariants() {
                     run_expert(isa, &x, ex.bundled(), false),
                     "{isa:?} {dt:?} fused vs unfused"
                 );
+                assert_eq!(
+                    fused,
+                    run_expert(isa, &x, ex.interleaved(), true),
+                    "{isa:?} {dt:?} bundled vs gate/up interleaved"
+                );
+                assert_eq!(
+                    fused,
+                    run_expert(isa, &x, ex.interleaved(), false),
+                    "{isa:?} {dt:?} interleaved unfused"
+                );
                 for t in 0..n {
-                    let one = run_expert(isa, &x[t * hidden..(t + 1) * hidden], ex.bundled(), true);
+                    let xt = &x[t * hidden..(t + 1) * hidden];
+                    let one = run_expert(isa, xt, ex.bundled(), true);
                     assert_eq!(one, fused[t * hidden..(t + 1) * hidden], "{isa:?} {dt:?} batch t {t}");
+                    let one = run_expert(isa, xt, ex.interleaved(), true);
+                    assert_eq!(one, fused[t * hidden..(t + 1) * hidden], "{isa:?} {dt:?} interleaved t {t}");
                 }
                 for threads in [1, 2, 3] {
                     let got = pool(threads).install(|| run_expert(isa, &x, ex.bundled(), true));
                     assert_eq!(got, fused, "{isa:?} {dt:?} threads {threads}");
+                    let got = pool(threads).install(|| run_expert(isa, &x, ex.interleaved(), true));
+                    assert_eq!(got, fused, "{isa:?} {dt:?} interleaved threads {threads}");
                 }
                 // Against the scalar oracle: scale by Σ|act·w_down| + a margin for act errors.
                 let mut act = vec![0f32; 2 * n * ffn];

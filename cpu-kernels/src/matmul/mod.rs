@@ -537,6 +537,8 @@ unsafe fn row_block(
 
 /// Rows of gate, then the same rows of up, computed in turn by [`swiglu_with`].
 const GATE_UP_RUN: usize = 16;
+// A run of interleaved gate/up rows (2 · GATE_UP_RUN) must fit one multi-token row block.
+const _: () = assert!(2 * GATE_UP_RUN <= ROWS_PER_TASK);
 
 /// The whole SwiGLU expert `out = downᵀᵀ · (silu(gate · x) ⊙ (up · x))` for `n_tokens`
 /// tokens, fused per block of [`AXPY_ROWS_PER_TASK`] neurons: one task computes the gate
@@ -544,16 +546,19 @@ const GATE_UP_RUN: usize = 16;
 /// of `downᵀ` into its own block sum, so it reads its part of the expert once, start to
 /// end, with no barrier between the projections. Block sums are then added to `out` in
 /// block order: bit-identical to [`matmul_with`] (gate, up), `silu_mul` and
-/// [`axpy_rows_with`] in sequence. `g` and `u` (`[n_tokens, ffn]`) hold the activations
-/// afterwards (`g` after SiLU·mul).
+/// [`axpy_rows_with`] in sequence. With `gate_up` (gate and up rows interleaved, see
+/// [`crate::moe::ExpertRef::interleaved`]) a task reads its block's gate and up rows as one
+/// run of that matrix: the same dot products. `act` (at least `2 · n_tokens · ffn` floats)
+/// is scratch.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn swiglu_with(
     isa: Isa,
     x: &[f32],
     gate: MatRef<'_>,
     up: MatRef<'_>,
+    gate_up: Option<MatRef<'_>>,
     down_t: AxpyRef<'_>,
-    g: &mut [f32],
-    u: &mut [f32],
+    act: &mut [f32],
     out: &mut [f32],
 ) {
     assert!(gate.rows == up.rows && gate.cols == up.cols, "gate and up shapes differ");
@@ -563,8 +568,10 @@ pub(crate) fn swiglu_with(
     if ffn == 0 || hidden == 0 {
         return;
     }
-    let n_tokens = token_count(x, &gate, g);
-    assert_eq!(u.len(), g.len(), "u is not [n_tokens, ffn]");
+    let n_tokens = x.len() / hidden;
+    assert_eq!(x.len(), n_tokens * hidden, "x is not [n_tokens, hidden]");
+    assert!(act.len() >= 2 * n_tokens * ffn, "act scratch too small");
+    let (g, u) = act[..2 * n_tokens * ffn].split_at_mut(n_tokens * ffn);
     assert_eq!(out.len(), n_tokens * hidden, "out is not [n_tokens, hidden]");
     if n_tokens == 0 {
         return;
@@ -578,7 +585,8 @@ pub(crate) fn swiglu_with(
         return;
     };
     let kernel = select(isa);
-    let (gp, up_) = (SyncPtr(g.as_mut_ptr()), SyncPtr(u.as_mut_ptr()));
+    // g and u are the two halves of `act` (the interleaved path uses all of it at once).
+    let (gp, up_) = (SyncPtr(act.as_mut_ptr()), SyncPtr(act.as_mut_ptr().wrapping_add(n_tokens * ffn)));
     let n_blocks = ffn.div_ceil(AXPY_ROWS_PER_TASK);
     let part = n_tokens * hidden;
     with_acts(isa, x, hidden, &gate, |x| {
@@ -587,8 +595,37 @@ pub(crate) fn swiglu_with(
                 let j0 = b * AXPY_ROWS_PER_TASK;
                 let j1 = (j0 + AXPY_ROWS_PER_TASK).min(ffn);
                 // SAFETY: g and u are [n_tokens, ffn] (asserted), distinct, and blocks are
-                // disjoint, so this task alone writes and then reads columns j0..j1 of each.
+                // disjoint, so this task alone writes and then reads columns j0..j1 of each;
+                // seen as one [n_tokens, 2 · ffn] buffer (the interleaved path: `act` holds
+                // both halves, asserted), columns 2·j0 .. 2·j1 of each token row are this
+                // task's alone.
                 unsafe {
+                    if let Some(gu) = gate_up {
+                        // Gate and up rows interleaved ([gate_j | up_j]): one matvec over the
+                        // block's 2 · (j1 − j0) rows, one stream, into g and u seen as one
+                        // [n_tokens, 2 · ffn] buffer (row 2j: gate_j, 2j + 1: up_j); SiLU·mul
+                        // then leaves token t's block activations at 2·j0 .. 2·j0 + (j1 − j0).
+                        let mut r0 = 2 * j0;
+                        while r0 < 2 * j1 {
+                            let r1 = (r0 + 2 * GATE_UP_RUN).min(2 * j1);
+                            row_block(kernel, x, n_tokens, gu, r0, r1, gp, 2 * ffn);
+                            r0 = r1;
+                        }
+                        for t in 0..n_tokens {
+                            let r = gp.ptr().add(t * 2 * ffn + 2 * j0);
+                            crate::activation::silu_mul_pairs(std::slice::from_raw_parts_mut(
+                                r,
+                                2 * (j1 - j0),
+                            ));
+                        }
+                        let gb = std::slice::from_raw_parts(
+                            gp.ptr().add(2 * j0),
+                            (n_tokens - 1) * 2 * ffn + (j1 - j0),
+                        );
+                        p.fill(0.0);
+                        axpy.run(gb, 2 * ffn, n_tokens, down_t.row_range(j0, j1), p);
+                        return;
+                    }
                     // Alternate gate and up in short runs: in a row-column bundle gate row j and
                     // up row j are neighbours, so this walks the bundle nearly sequentially.
                     let mut s0 = j0;

@@ -197,11 +197,11 @@ impl ExpertStore {
         let bundles = 2 * ffn * self.encoding().row_bytes(hidden)?;
         let groups = &buf[bundles..self.extent_len()];
         let n = 2 * ffn * hidden;
-        let gate_up = w.slice(0, n);
-        let gate = MatRef::strided(gate_up, ffn, hidden, 2 * hidden).map_err(kernel_err)?;
-        let up = MatRef::strided(gate_up.slice(hidden, n), ffn, hidden, 2 * hidden).map_err(kernel_err)?;
+        // Gate and up rows alternate: the fused kernel reads them as one matrix, as it does
+        // the engine's in-memory experts (same numbers either way).
+        let gate_up = MatRef::new(w.slice(0, n), 2 * ffn, hidden).map_err(kernel_err)?;
         let down = GroupedRef::new(kind, groups, ffn, hidden).map_err(kernel_err)?;
-        ExpertRef::new(gate, up, down).map_err(kernel_err)
+        ExpertRef::interleaved(gate_up, down).map_err(kernel_err)
     }
 
     /// Checks that the store was built from the checkpoint in `model_dir` (same
