@@ -119,12 +119,15 @@ fn main() -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
     let prompt: Vec<u32> = (0..args.prompt_len).map(|_| rng.gen_range(3..spec.vocab as u32)).collect();
 
+    // One probe buffer for both measurements, freed only at the end: freeing it before the
+    // timed runs slowed the second of them (see `ReadProbe`).
+    let read_probe = hetmoe::cpu_kernels::bandwidth::ReadProbe::new(args.probe_bytes);
+    let probe = || read_probe.measure(args.threads);
+    let bw_before = probe();
     // Warm up with the same prompt length (as llama-bench does): page the weights in and
     // grow every buffer (scratch, block sums, KV cache) to its steady-state size, so the
     // timed prefill measures compute rather than first-touch page faults.
     run(&engine, &prompt, 2)?;
-    let probe = || hetmoe::cpu_kernels::bandwidth::measure_read_bandwidth(args.probe_bytes, args.threads);
-    let bw_before = probe();
     let runs =
         (0..args.repeat.max(1)).map(|_| run(&engine, &prompt, args.gen_len)).collect::<Result<Vec<_>>>()?;
     let bw_after = probe();

@@ -43,29 +43,52 @@ pub fn parallel_read_sum(buf: &[f32]) -> f32 {
 
 /// Measured read bandwidth in GB/s (1e9 bytes per second) with `threads` threads over a
 /// buffer of `bytes` bytes (choose it much larger than the last-level cache, e.g. 1 GiB):
-/// the best of several passes, after one untimed pass that faults the pages in.
+/// [`ReadProbe::measure`] on a fresh probe.
 pub fn measure_read_bandwidth(bytes: usize, threads: usize) -> f64 {
-    let n = (bytes / 4).max(1024);
-    // On huge pages, like the engine's weights: the roofline is the best the machine reads.
-    let mut buf = crate::memory::HugeBuf::<f32>::zeroed(n);
-    buf.fill(1.0);
-    let pool = match rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build() {
-        Ok(p) => p,
-        Err(_) => return f64::NAN,
-    };
-    pool.install(|| {
-        std::hint::black_box(parallel_read_sum(&buf));
-        let start = Instant::now();
-        let mut best = f64::INFINITY;
-        let mut passes = 0;
-        while passes < 3 || (passes < 20 && start.elapsed().as_secs_f64() < 1.0) {
-            let t = Instant::now();
-            std::hint::black_box(parallel_read_sum(std::hint::black_box(&buf)));
-            best = best.min(t.elapsed().as_secs_f64());
-            passes += 1;
-        }
-        (n * 4) as f64 / best / 1e9
-    })
+    ReadProbe::new(bytes).measure(threads)
+}
+
+/// A read-bandwidth probe that keeps its buffer between measurements. A benchmark that
+/// probes before and after its timed runs should hold one: freeing a 1 GiB buffer just
+/// before timing disturbed the runs about two seconds later on the dev VM (decode steps of
+/// 50 ms instead of 14 for a third of a second, the guest reporting the freed pages to its
+/// host).
+#[derive(Debug)]
+pub struct ReadProbe {
+    buf: crate::memory::HugeBuf<f32>,
+}
+
+impl ReadProbe {
+    /// A buffer of `bytes` bytes (at least 4 KiB), written once: on huge pages, like the
+    /// engine's weights, so the roofline is the best the machine reads.
+    pub fn new(bytes: usize) -> Self {
+        let mut buf = crate::memory::HugeBuf::<f32>::zeroed((bytes / 4).max(1024));
+        buf.fill(1.0);
+        Self { buf }
+    }
+
+    /// GB/s with `threads` threads: the best of several passes (at least 3, up to 20 within
+    /// about a second), after one untimed pass. NaN if no thread pool can be built.
+    pub fn measure(&self, threads: usize) -> f64 {
+        let pool = match rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build() {
+            Ok(p) => p,
+            Err(_) => return f64::NAN,
+        };
+        let buf = &self.buf;
+        pool.install(|| {
+            std::hint::black_box(parallel_read_sum(buf));
+            let start = Instant::now();
+            let mut best = f64::INFINITY;
+            let mut passes = 0;
+            while passes < 3 || (passes < 20 && start.elapsed().as_secs_f64() < 1.0) {
+                let t = Instant::now();
+                std::hint::black_box(parallel_read_sum(std::hint::black_box(buf)));
+                best = best.min(t.elapsed().as_secs_f64());
+                passes += 1;
+            }
+            std::mem::size_of_val(&buf[..]) as f64 / best / 1e9
+        })
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
