@@ -51,8 +51,9 @@ pub fn measure_read_bandwidth(bytes: usize, threads: usize) -> f64 {
 /// A read-bandwidth probe that keeps its buffer between measurements. A benchmark that
 /// probes before and after its timed runs should hold one: freeing a 1 GiB buffer just
 /// before timing disturbed the runs about two seconds later on the dev VM (decode steps of
-/// 50 ms instead of 14 for a third of a second, the guest reporting the freed pages to its
-/// host).
+/// 50 ms instead of 14 for a third of a second), which matches the guest kernel's free page
+/// reporting to its host (virtio-balloon, `page_reporting.page_reporting_order=11` on that
+/// VM's command line; it reports freed pages two seconds after they are freed).
 #[derive(Debug)]
 pub struct ReadProbe {
     buf: crate::memory::HugeBuf<f32>,
