@@ -14,9 +14,9 @@ use crate::KernelError;
 /// or for quantized weights in groups of four rows, [`crate::row_groups`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ExpertRef<'a> {
-    pub gate: MatRef<'a>,
-    pub up: MatRef<'a>,
-    pub down_t: AxpyRef<'a>,
+    gate: MatRef<'a>,
+    up: MatRef<'a>,
+    down_t: AxpyRef<'a>,
     /// `[2 · ffn, hidden]` with row `2j` = gate row `j`, `2j + 1` = up row `j`, when the
     /// expert was made by [`ExpertRef::interleaved`] (`gate` and `up` then view its rows).
     gate_up: Option<MatRef<'a>>,
@@ -81,6 +81,15 @@ impl<'a> ExpertRef<'a> {
         Ok(Self { gate: part(0)?, up: part(1)?, down_t: part(2)?.into(), gate_up: None })
     }
 
+    pub fn gate(&self) -> MatRef<'a> {
+        self.gate
+    }
+    pub fn up(&self) -> MatRef<'a> {
+        self.up
+    }
+    pub fn down_t(&self) -> AxpyRef<'a> {
+        self.down_t
+    }
     pub fn ffn(&self) -> usize {
         self.gate.rows()
     }

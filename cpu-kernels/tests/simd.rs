@@ -401,7 +401,7 @@ fn expert_swiglu_invariants() {
                 let mut act = vec![0f32; 2 * n * ffn];
                 let mut tmp = vec![0f32; n * hidden];
                 expert_swiglu_unfused_with(Isa::Scalar, &x, ex.separate(), &mut act, &mut tmp);
-                let down = ex.separate().down_t;
+                let down = ex.separate().down_t();
                 let down_row = |j: usize| {
                     let mut o = vec![0f32; hidden];
                     down.row_to_f32(j, &mut o);
