@@ -458,3 +458,16 @@ fn unsupported_isa_is_refused() {
         }
     }
 }
+
+#[test]
+fn interleaved_expert_shapes_are_checked() {
+    let w = vec![0.5f32; 3 * 64];
+    let odd = MatRef::new(WeightsRef::F32(&w), 3, 64).unwrap();
+    let down = MatRef::new(WeightsRef::F32(&w[..64]), 1, 64).unwrap();
+    assert!(ExpertRef::interleaved(odd, down).is_err(), "odd gate/up row count");
+    let gu = MatRef::new(WeightsRef::F32(&w[..128]), 2, 64).unwrap();
+    let e = ExpertRef::interleaved(gu, down).unwrap();
+    assert_eq!((e.ffn(), e.hidden()), (1, 64));
+    let wrong_down = MatRef::new(WeightsRef::F32(&w[..128]), 2, 64).unwrap();
+    assert!(ExpertRef::interleaved(gu, wrong_down).is_err(), "downᵀ rows != ffn");
+}
