@@ -563,6 +563,9 @@ pub(crate) fn swiglu_with(
 ) {
     assert!(gate.rows == up.rows && gate.cols == up.cols, "gate and up shapes differ");
     assert!(down_t.rows() == gate.rows && down_t.cols() == gate.cols, "downᵀ shape differs from gate");
+    if let Some(gu) = &gate_up {
+        assert!(gu.rows == 2 * gate.rows && gu.cols == gate.cols, "gate_up is not [2 · ffn, hidden]");
+    }
     out.fill(0.0);
     let (ffn, hidden) = (gate.rows, gate.cols);
     if ffn == 0 || hidden == 0 {
