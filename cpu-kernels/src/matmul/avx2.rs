@@ -28,13 +28,6 @@ const NR: usize = 4;
 /// Tokens per tile.
 const NT: usize = 2;
 
-/// One token's bf16 / f16 / f32 / q4 rows go two to a tile (fewer concurrent streams per
-/// thread), prefetched this many bytes ahead (rounded up to whole rows), as in `avx512.rs`;
-/// `HETMOE_ISA=avx2 kbench` (1.5 GB sets, 2 threads) measured the one-token bf16 matvec
-/// +13–16 % over four-row tiles one tile ahead, q4 level (its compute is the limit here).
-/// Same sums either way: a tile only groups rows, each dot product is computed alone.
-const ONE_TOKEN_PREFETCH_BYTES: usize = 8192;
-
 /// Software prefetch distance in row tiles: the next tile's rows, at the column being read
 /// (measured with `kbench`, 1.5 GB sets: one tile ahead beat 2, 3 and 4 by 2–5% for the
 /// one-token matvec and ~15% for 8-token q8; no prefetch lost 15–20%).
@@ -391,12 +384,9 @@ pub(super) unsafe fn tiles<const K: u8, const QUANT: bool>(
     // for the hardware prefetchers to ramp up on four interleaved streams). Dense rows get
     // one prefetch per 64 bytes; quantized rows one per block (measured faster than a
     // branch on line crossings).
-    let two_row = n_tokens == 1 && !(QUANT && K == Q_8);
-    let pf = if two_row {
-        ONE_TOKEN_PREFETCH_BYTES.div_ceil(row_bytes.max(1)) * row_bytes
-    } else {
-        PREFETCH_TILES * NR * row_bytes
-    };
+    let two_row = super::common::two_row_tiles(n_tokens, QUANT && K == Q_8);
+    let pf =
+        if two_row { super::common::one_token_prefetch(row_bytes) } else { PREFETCH_TILES * NR * row_bytes };
     let lut = super::f16_table().as_ptr();
     macro_rules! run {
         ($r:literal, $t:literal, $r0:expr, $t0:expr) => {{
@@ -433,15 +423,7 @@ pub(super) unsafe fn tiles<const K: u8, const QUANT: bool>(
         }};
     }
     if two_row {
-        let rows2 = rows / 2 * 2;
-        let mut r0 = 0;
-        while r0 < rows2 {
-            run!(2, 1, r0, 0);
-            r0 += 2;
-        }
-        if r0 < rows {
-            run!(1, 1, r0, 0);
-        }
+        super::common::two_row_walk!(run, rows);
         return;
     }
     let rows_full = rows / NR * NR;

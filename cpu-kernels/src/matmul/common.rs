@@ -216,7 +216,7 @@ macro_rules! simd_kernels {
             let (rows, cols) = (w.rows, w.cols);
             let (base, _, _) = raw(&w);
             let row_bytes = 2 * w.stride;
-            let pf = BF16_ONE_PREFETCH_BYTES.div_ceil(row_bytes.max(1)) * row_bytes;
+            let pf = super::common::one_token_prefetch(row_bytes);
             let full2 = cols / (2 * LANES) * (2 * LANES);
             // SAFETY: y holds cols >= full2 values (caller).
             unsafe { to_odd_even(y, full2) };
@@ -260,11 +260,10 @@ macro_rules! simd_kernels {
         const AXPY_ROWS: usize = 4;
 
         /// [`axpy_bf16_one`] reads one row at a time (one stream per thread), prefetching
-        /// this many bytes ahead: `kbench` `ax` bf16 +9–11 % over four rows prefetched eight
-        /// rows ahead (`y` then goes through L1 once per row, which L1 sustains). The order
-        /// of every sum is unchanged.
+        /// `ONE_TOKEN_PREFETCH_BYTES` ahead: `kbench` `ax` bf16 +9–11 % over four rows
+        /// prefetched eight rows ahead (`y` then goes through L1 once per row, which L1
+        /// sustains). The order of every sum is unchanged.
         const BF16_ONE_ROWS: usize = 1;
-        const BF16_ONE_PREFETCH_BYTES: usize = 8192;
 
         /// # Safety
         /// CPU features present; `y` valid for reads and writes at `t * y_stride + c` for
@@ -540,3 +539,39 @@ macro_rules! simd_kernels {
 }
 
 pub(super) use simd_kernels;
+
+/// One token's bf16 / f16 / f32 / q4 rows go two to a tile (fewer concurrent read streams
+/// per thread), prefetched this many bytes ahead (rounded up to whole rows). `kbench` (1.5 GB
+/// sets, 2 threads) against four-row tiles one tile ahead: AVX-512 matvec bf16 +5–8 %, q4
+/// +8–10 %, q8 −2–5 % (so q8 keeps four rows: twice bf16's arithmetic per byte, and four rows
+/// share each activation load); AVX2 bf16 +13–16 %, q4 level. Same sums either way: a tile
+/// only groups rows, each dot product is computed alone.
+pub(super) const ONE_TOKEN_PREFETCH_BYTES: usize = 8192;
+
+/// Whether a matmul of `n_tokens` tokens walks its rows two to a tile ([`two_row_walk`]).
+pub(super) fn two_row_tiles(n_tokens: usize, q8: bool) -> bool {
+    n_tokens == 1 && !q8
+}
+
+/// The prefetch distance of one-token walks (the two-row matvec, the one-row bf16 `axpy`):
+/// [`ONE_TOKEN_PREFETCH_BYTES`] in whole rows.
+pub(super) fn one_token_prefetch(row_bytes: usize) -> usize {
+    ONE_TOKEN_PREFETCH_BYTES.div_ceil(row_bytes.max(1)) * row_bytes
+}
+
+/// The one-token walk of an ISA's `tiles`: `$run!(2, 1, r0, 0)` over rows two at a time,
+/// then `$run!(1, 1, r0, 0)` for an odd last row.
+macro_rules! two_row_walk {
+    ($run:ident, $rows:expr) => {{
+        let rows = $rows;
+        let mut r0 = 0;
+        while r0 + 2 <= rows {
+            $run!(2, 1, r0, 0);
+            r0 += 2;
+        }
+        if r0 < rows {
+            $run!(1, 1, r0, 0);
+        }
+    }};
+}
+pub(super) use two_row_walk;
