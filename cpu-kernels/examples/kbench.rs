@@ -15,6 +15,7 @@ use hetmoe_cpu_kernels::memory::HugeBuf;
 use hetmoe_cpu_kernels::moe::{expert_swiglu, ExpertRef};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
 use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
+use hetmoe_cpu_kernels::row_tiles;
 
 const H: usize = 1024;
 const F: usize = 3584;
@@ -67,7 +68,7 @@ fn main() {
         std::env::var("KB").unwrap_or("mv,ex".into()).split(',').map(String::from).collect();
     // The same quantized sets in groups of four rows (the engine's layout for `downᵀ`), for
     // `ag` (grouped axpy) and `eg` (expert with grouped `downᵀ`); allocated only for them.
-    let want_grouped = which.iter().any(|k| k == "ag" || k == "eg" || k == "ei");
+    let want_grouped = which.iter().any(|k| k == "ag" || k == "eg" || k == "ei" || k == "et");
     let grouped = |kind: GroupKind, n: usize| -> Vec<HugeBuf<u8>> {
         if !want_grouped {
             return Vec::new();
@@ -84,6 +85,17 @@ fn main() {
         g8sets.iter().map(|g| GroupedRef::new(GroupKind::Q8, g, 3 * F, H).unwrap()).collect();
     let gv4: Vec<GroupedRef<'_>> =
         g4sets.iter().map(|g| GroupedRef::new(GroupKind::Q4, g, 3 * F, H).unwrap()).collect();
+    // The q8 sets in row tiles (the engine's q8 matvec layout with AVX-512 VNNI), for `mt`
+    // (matvec) and `et` (expert: gate/up interleaved in tiles, downᵀ grouped).
+    let want_tiles = which.iter().any(|k| k == "mt" || k == "et");
+    let t8sets: Vec<HugeBuf<u8>> = if want_tiles {
+        let mut t = vec![0u8; row_tiles::matrix_bytes(3 * F, H)];
+        row_tiles::tile_q8_rows(&q8, 3 * F, H, &mut t);
+        (0..nq8).map(|_| HugeBuf::from_slice(&t)).collect()
+    } else {
+        Vec::new()
+    };
+    let vt8 = vw(t8sets.iter().map(|v| WeightsRef::Q8Tiles(v)).collect());
     let mut probe = HugeBuf::<f32>::zeroed(PROBE / 4);
     probe.fill(1.0);
     let vb = vw(bsets.iter().map(|v| WeightsRef::Bf16(v)).collect());
@@ -118,6 +130,26 @@ fn main() {
                         });
                         line += &format!(" mv {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
                         note(format!("mv {name} n{n}"), g);
+                    }
+                    if which.contains(&"mt".to_string()) && name == "q8" {
+                        let g = rate(bytes, || {
+                            for m in &vt8 {
+                                matmul(&x[..n * H], *m, &mut y[..n * 3 * F]);
+                            }
+                        });
+                        line += &format!(" mt {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
+                        note(format!("mt {name} n{n}"), g);
+                    }
+                    if which.contains(&"et".to_string()) && name == "q8" && n == 1 {
+                        let g = rate(bytes, || {
+                            for (m, gm) in vt8.iter().zip(gv8.iter()) {
+                                let e =
+                                    ExpertRef::interleaved(m.row_range(0, 2 * F), gm.row_range(2 * F, 3 * F));
+                                expert_swiglu(&x[..n * H], e.unwrap(), &mut act, &mut out[..n * H]);
+                            }
+                        });
+                        line += &format!(" et {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
+                        note(format!("et {name} n{n}"), g);
                     }
                     if which.contains(&"ax".to_string()) && n == 1 {
                         let g = rate(bytes, || {

@@ -20,6 +20,8 @@ fn main() {
     group_q8_rows(&q8, rows, cols, &mut g8);
     let mut g4 = vec![0u8; GroupKind::Q4.matrix_bytes(rows, cols)];
     group_q4_rows(&q4, rows, cols, &mut g4);
+    let mut t8 = vec![0u8; hetmoe_cpu_kernels::row_tiles::matrix_bytes(rows, cols)];
+    hetmoe_cpu_kernels::row_tiles::tile_q8_rows(&q8, rows, cols, &mut t8);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let x = vec![0.5f32; 64 * cols];
     let mut y = vec![0f32; 64 * rows];
@@ -31,6 +33,7 @@ fn main() {
                 ("bf16", WeightsRef::Bf16(&wb)),
                 ("q8", WeightsRef::Q8(&q8)),
                 ("q4", WeightsRef::Q4(&q4)),
+                ("q8t", WeightsRef::Q8Tiles(&t8)),
             ] {
                 let m = MatRef::new(d, rows, cols).unwrap();
                 let mut line = format!("{isa:?} {name:5}");
@@ -42,6 +45,11 @@ fn main() {
                     }
                     let s = t.elapsed().as_secs_f64();
                     line += &format!(" n{n}: {:6.1} GFMA/s", (reps * n * rows * cols) as f64 / s / 1e9);
+                }
+                if name == "q8t" {
+                    // Row tiles are a matvec layout (no axpy over them).
+                    println!("{line}");
+                    continue;
                 }
                 let reps = 2000;
                 let t = Instant::now();

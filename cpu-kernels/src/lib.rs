@@ -25,6 +25,7 @@ pub mod parallel;
 pub mod quant;
 pub mod rope;
 pub mod row_groups;
+pub mod row_tiles;
 pub mod softmax;
 pub mod topk;
 

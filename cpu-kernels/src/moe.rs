@@ -10,16 +10,39 @@ use crate::dispatch::{active_isa, Isa};
 use crate::matmul::{matmul_with, AxpyRef, MatRef, WeightsRef};
 use crate::KernelError;
 
-/// Rows of one expert: `gate`, `up` and `down_t` are each `[ffn, hidden]` (`down_t` as rows,
-/// or for quantized weights in groups of four rows, [`crate::row_groups`]).
+/// An expert's gate and up projections, each `[ffn, hidden]`.
+#[derive(Debug, Clone, Copy)]
+pub enum GateUpRef<'a> {
+    /// Two matrices (or two strided views of one bundle).
+    Separate { gate: MatRef<'a>, up: MatRef<'a> },
+    /// One `[2 · ffn, hidden]` matrix, row `2j` = gate row `j`, row `2j + 1` = up row `j`
+    /// (any layout, row tiles included: [`crate::row_tiles`]).
+    Interleaved(MatRef<'a>),
+}
+
+impl<'a> GateUpRef<'a> {
+    /// `(ffn, hidden)`.
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            GateUpRef::Separate { gate, .. } => (gate.rows(), gate.cols()),
+            GateUpRef::Interleaved(m) => (m.rows() / 2, m.cols()),
+        }
+    }
+    fn size_bytes(&self) -> usize {
+        match self {
+            GateUpRef::Separate { gate, up } => gate.size_bytes() + up.size_bytes(),
+            GateUpRef::Interleaved(m) => m.size_bytes(),
+        }
+    }
+}
+
+/// Rows of one expert: gate and up ([`GateUpRef`]) and `down_t`, each `[ffn, hidden]`
+/// (`down_t` as rows, or for quantized weights in groups of four rows,
+/// [`crate::row_groups`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ExpertRef<'a> {
-    gate: MatRef<'a>,
-    up: MatRef<'a>,
+    gate_up: GateUpRef<'a>,
     down_t: AxpyRef<'a>,
-    /// `[2 · ffn, hidden]` with row `2j` = gate row `j`, `2j + 1` = up row `j`, when the
-    /// expert was made by [`ExpertRef::interleaved`] (`gate` and `up` then view its rows).
-    gate_up: Option<MatRef<'a>>,
 }
 
 impl<'a> ExpertRef<'a> {
@@ -28,19 +51,10 @@ impl<'a> ExpertRef<'a> {
         up: MatRef<'a>,
         down_t: impl Into<AxpyRef<'a>>,
     ) -> Result<Self, KernelError> {
-        let down_t = down_t.into();
-        let shape = (gate.rows(), gate.cols());
-        for m in [(up.rows(), up.cols()), (down_t.rows(), down_t.cols())] {
-            if m != shape {
-                return Err(KernelError::WeightLength {
-                    rows: shape.0,
-                    cols: shape.1,
-                    expected: shape.0 * shape.1,
-                    actual: m.0 * m.1,
-                });
-            }
+        if (up.rows(), up.cols()) != (gate.rows(), gate.cols()) {
+            return Err(shape_err(gate.rows(), gate.cols(), up.rows() * up.cols()));
         }
-        Ok(Self { gate, up, down_t, gate_up: None })
+        Self::checked(GateUpRef::Separate { gate, up }, down_t.into())
     }
 
     /// Gate and up rows interleaved in one matrix `gate_up` (`[2 · ffn, hidden]`: row `2j`
@@ -56,13 +70,15 @@ impl<'a> ExpertRef<'a> {
                 actual: rows * hidden,
             });
         }
-        let (ffn, s) = (rows / 2, gate_up.stride());
-        let data = gate_up.data();
-        let gate = MatRef::strided(data, ffn, hidden, 2 * s)?;
-        let up = MatRef::strided(data.slice(s.min(data.len()), data.len()), ffn, hidden, 2 * s)?;
-        let mut e = Self::new(gate, up, down_t)?;
-        e.gate_up = Some(gate_up);
-        Ok(e)
+        Self::checked(GateUpRef::Interleaved(gate_up), down_t.into())
+    }
+
+    fn checked(gate_up: GateUpRef<'a>, down_t: AxpyRef<'a>) -> Result<Self, KernelError> {
+        let (ffn, hidden) = gate_up.shape();
+        if (down_t.rows(), down_t.cols()) != (ffn, hidden) {
+            return Err(shape_err(ffn, hidden, down_t.rows() * down_t.cols()));
+        }
+        Ok(Self { gate_up, down_t })
     }
 
     /// Views a row-column bundle: for each neuron j, `hidden` gate weights, `hidden` up
@@ -78,28 +94,29 @@ impl<'a> ExpertRef<'a> {
             });
         }
         let part = |i: usize| MatRef::strided(data.slice(i * hidden, n), ffn, hidden, 3 * hidden);
-        Ok(Self { gate: part(0)?, up: part(1)?, down_t: part(2)?.into(), gate_up: None })
+        Self::new(part(0)?, part(1)?, part(2)?)
     }
 
-    pub fn gate(&self) -> MatRef<'a> {
-        self.gate
-    }
-    pub fn up(&self) -> MatRef<'a> {
-        self.up
+    pub fn gate_up(&self) -> GateUpRef<'a> {
+        self.gate_up
     }
     pub fn down_t(&self) -> AxpyRef<'a> {
         self.down_t
     }
     pub fn ffn(&self) -> usize {
-        self.gate.rows()
+        self.gate_up.shape().0
     }
     pub fn hidden(&self) -> usize {
-        self.gate.cols()
+        self.gate_up.shape().1
     }
     /// Bytes one pass over the expert reads.
     pub fn size_bytes(&self) -> usize {
-        self.gate.size_bytes() + self.up.size_bytes() + self.down_t.size_bytes()
+        self.gate_up.size_bytes() + self.down_t.size_bytes()
     }
+}
+
+fn shape_err(ffn: usize, hidden: usize, actual: usize) -> KernelError {
+    KernelError::WeightLength { rows: ffn, cols: hidden, expected: ffn * hidden, actual }
 }
 
 /// `out = down(silu(gate(x)) · up(x))` for `x`: `[n, hidden]`; `act`: scratch of at least
@@ -131,17 +148,44 @@ fn tokens(x: &[f32], e: &ExpertRef<'_>, out: &[f32]) -> usize {
 /// [`expert_swiglu`] on a given ISA.
 pub fn expert_swiglu_with(isa: Isa, x: &[f32], e: ExpertRef<'_>, act: &mut [f32], out: &mut [f32]) {
     tokens(x, &e, out);
-    crate::matmul::swiglu_with(isa, x, e.gate, e.up, e.gate_up, e.down_t, act, out);
+    crate::matmul::swiglu_with(isa, x, e.gate_up, e.down_t, act, out);
 }
 
 /// The unfused composition (matmul gate, matmul up, silu·mul, axpy with `downᵀ`): the
 /// reference the fused kernel is tested against.
 pub fn expert_swiglu_unfused_with(isa: Isa, x: &[f32], e: ExpertRef<'_>, act: &mut [f32], out: &mut [f32]) {
     let n = tokens(x, &e, out);
-    let (g, u) = split_act(act, n, e.ffn());
-    matmul_with(isa, x, e.gate, g);
-    matmul_with(isa, x, e.up, u);
-    crate::activation::silu_mul(g, u);
+    let g = gate_up_act(isa, x, n, e.gate_up, act);
     out.fill(0.0);
     crate::matmul::axpy_rows_with(isa, g, e.down_t, out);
+}
+
+/// `silu(gate · x) ⊙ (up · x)` for `n` tokens, unfused, in `act` (at least `2 · n · ffn`
+/// floats); returns its first `n · ffn` values, `[n, ffn]`. Interleaved rows are computed as
+/// one matmul (the same dot products), paired, then packed.
+pub(crate) fn gate_up_act<'s>(
+    isa: Isa,
+    x: &[f32],
+    n: usize,
+    gate_up: GateUpRef<'_>,
+    act: &'s mut [f32],
+) -> &'s mut [f32] {
+    let ffn = gate_up.shape().0;
+    match gate_up {
+        GateUpRef::Separate { gate, up } => {
+            let (g, u) = split_act(act, n, ffn);
+            matmul_with(isa, x, gate, g);
+            matmul_with(isa, x, up, u);
+            crate::activation::silu_mul(g, u);
+        }
+        GateUpRef::Interleaved(gu) => {
+            assert!(act.len() >= 2 * n * ffn, "act scratch too small");
+            matmul_with(isa, x, gu, &mut act[..2 * n * ffn]);
+            for t in 0..n {
+                crate::activation::silu_mul_pairs(&mut act[2 * t * ffn..2 * (t + 1) * ffn]);
+                act.copy_within(2 * t * ffn..2 * t * ffn + ffn, t * ffn);
+            }
+        }
+    }
+    &mut act[..n * ffn]
 }

@@ -13,6 +13,7 @@ use hetmoe_cpu_kernels::memory::{HugeBuf, ZeroValid};
 use hetmoe_cpu_kernels::moe::ExpertRef;
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
 use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
+use hetmoe_cpu_kernels::row_tiles;
 use hetmoe_cpu_kernels::{MatRef, WeightsRef};
 use hetmoe_storage::{Checkpoint, DType, FfnKind, ModelSpec, Tensor, WeightKey};
 
@@ -37,6 +38,8 @@ enum Store {
     F16(HugeBuf<f16>),
     Q8(HugeBuf<BlockQ8>),
     Q4(HugeBuf<BlockQ4>),
+    /// q8 in row tiles ([`row_tiles`]): the matvec layout where the CPU has a kernel for it.
+    Q8Tiles(HugeBuf<u8>),
 }
 
 /// A matrix read only as the terms of an `axpy` (an MLP's `downᵀ`): rows, or for quantized
@@ -128,6 +131,7 @@ impl Linear {
             Store::F16(v) => WeightsRef::F16(&v[..]),
             Store::Q8(v) => WeightsRef::Q8(&v[..]),
             Store::Q4(v) => WeightsRef::Q4(&v[..]),
+            Store::Q8Tiles(v) => WeightsRef::Q8Tiles(&v[..]),
         };
         MatRef::new(data, self.rows, self.cols).expect("shape checked at load")
     }
@@ -178,9 +182,24 @@ impl Linear {
             WeightsRef::F16(w) => Store::F16(transpose(w, r, c)),
             WeightsRef::F32(w) => Store::F32(transpose(w, r, c)),
             // Quantization happens after transposition, never before.
-            WeightsRef::Q8(_) | WeightsRef::Q4(_) => unreachable!("transposing quantized weights"),
+            WeightsRef::Q8(_) | WeightsRef::Q4(_) | WeightsRef::Q8Tiles(_) => {
+                unreachable!("transposing quantized weights")
+            }
         };
         Linear { store, rows: c, cols: r }
+    }
+
+    /// For matvecs: q8 rows put in row tiles where the active ISA has a kernel for them
+    /// ([`row_tiles::pays_off`]); the same products, so the same logits either way.
+    fn for_matvec(self) -> Linear {
+        match &self.store {
+            Store::Q8(b) if row_tiles::pays_off() => {
+                let mut t = HugeBuf::<u8>::zeroed(row_tiles::matrix_bytes(self.rows, self.cols));
+                row_tiles::tile_q8_rows(b, self.rows, self.cols, &mut t);
+                Linear { store: Store::Q8Tiles(t), rows: self.rows, cols: self.cols }
+            }
+            _ => self,
+        }
     }
 
     /// The matrix quantized row by row into `format` (rows whose length is not a multiple
@@ -386,7 +405,7 @@ impl Loader<'_> {
     }
     /// A projection, in the requested weight format.
     fn proj(&self, key: WeightKey, rows: usize, cols: usize) -> EngineResult<Linear> {
-        Ok(self.linear(key, rows, cols)?.quantized(self.format))
+        Ok(self.linear(key, rows, cols)?.quantized(self.format).for_matvec())
     }
     /// A matrix kept exactly as stored (embeddings, routers, gates).
     fn linear(&self, key: WeightKey, rows: usize, cols: usize) -> EngineResult<Linear> {
@@ -400,8 +419,11 @@ impl Loader<'_> {
         let (gate, up) = (self.linear(keys[0], ffn, h)?, self.linear(keys[1], ffn, h)?);
         let zero_copy = !self.copy && self.format == WeightFormat::AsStored;
         let gate_up = match (!zero_copy).then(|| Linear::interleaved(&gate, &up)).flatten() {
-            Some(gu) => GateUp::Interleaved(gu.quantized(self.format)),
-            None => GateUp::Separate { gate: gate.quantized(self.format), up: up.quantized(self.format) },
+            Some(gu) => GateUp::Interleaved(gu.quantized(self.format).for_matvec()),
+            None => GateUp::Separate {
+                gate: gate.quantized(self.format).for_matvec(),
+                up: up.quantized(self.format).for_matvec(),
+            },
         };
         let down_t = self.linear(keys[2], h, ffn)?.transposed().quantized_for_axpy(self.format);
         Ok(Mlp { gate_up, down_t })

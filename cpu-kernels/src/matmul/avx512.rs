@@ -468,6 +468,205 @@ unsafe fn qdot_tile<const Q: u8, const R: usize, const T: usize>(
     out
 }
 
+/// Integer dot products of the `R` rows of one q8 row tile ([`crate::row_tiles`]; `R` is
+/// its row count) with `T` tokens: term by term and in order the products and sums of
+/// [`qdot_tile`] over q8 rows (steps of four blocks, then pairs, then an odd last block),
+/// so the same bits. Only the loads differ: a row's four blocks of a step are two 64-byte
+/// loads of bytes stored already offset, and a step's scales, for all its rows, are one
+/// load and one conversion.
+///
+/// # Safety
+/// `tile` points to a readable tile of `R` rows of `nb` blocks; `q`, `ns`, `ls` as
+/// [`qdot_tile`] takes them.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512vnni")]
+unsafe fn qdot_q8_row_tile<const R: usize, const T: usize>(
+    q: *const i8,
+    ns: *const i32,
+    ls: *const f32,
+    cols: usize,
+    tile: *const u8,
+    nb: usize,
+    pf: usize,
+) -> [[f32; R]; T] {
+    let g = cols / LANE;
+    let quants = tile.wrapping_add(2 * R * nb);
+    let mut acc = [[_mm512_setzero_ps(); R]; T];
+    let mut b = 0;
+    // A step's scales in lanes 4r + k (row r, block k); row r's pairs of blocks spread to
+    // eight lanes each.
+    let scale_mask = ((1u32 << (4 * R)) - 1) as u16;
+    let spread = |k0: i32, r: usize| {
+        let k = k0 + 4 * r as i32;
+        _mm512_setr_epi32(k, k, k, k, k, k, k, k, k + 1, k + 1, k + 1, k + 1, k + 1, k + 1, k + 1, k + 1)
+    };
+    let mut lo2 = [_mm512_setzero_si512(); R];
+    let mut hi2 = [_mm512_setzero_si512(); R];
+    for r in 0..R {
+        (lo2[r], hi2[r]) = (spread(0, r), spread(2, r));
+    }
+    while b + 4 <= nb {
+        // The step's first unit (row 0, block b).
+        let u0 = b * R;
+        let mut wa = [_mm512_setzero_si512(); R];
+        let mut wb = [_mm512_setzero_si512(); R];
+        let mut sa = [_mm512_setzero_ps(); R];
+        let mut sb = [_mm512_setzero_ps(); R];
+        // SAFETY: the step's 4R scales at byte 2·u0 and its 4R units at quants + 32·u0 lie
+        // inside the tile (caller); prefetches never fault.
+        unsafe {
+            let d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(scale_mask, tile.add(2 * u0) as *const i16));
+            prefetch(tile.wrapping_add(2 * u0 + pf));
+            for r in 0..R {
+                let p = quants.add(QK * (u0 + 4 * r));
+                wa[r] = _mm512_loadu_si512(p as *const __m512i);
+                wb[r] = _mm512_loadu_si512(p.add(64) as *const __m512i);
+                sa[r] = _mm512_permutexvar_ps(lo2[r], d);
+                sb[r] = _mm512_permutexvar_ps(hi2[r], d);
+                prefetch(p.wrapping_add(pf));
+                prefetch(p.wrapping_add(pf + 64));
+            }
+        }
+        for t in 0..T {
+            // SAFETY: values b·32 .. b·32 + 128 of token t, and its groups b·8 .. b·8 + 32.
+            let (xa, xb, oa, ob, da, db) = unsafe {
+                let xq = q.add(t * cols + b * QK);
+                let n = ns.add(t * g + b * (QK / LANE));
+                let l = ls.add(t * g + b * (QK / LANE));
+                (
+                    _mm512_loadu_epi8(xq),
+                    _mm512_loadu_epi8(xq.add(64)),
+                    _mm512_slli_epi32::<7>(_mm512_loadu_epi32(n)),
+                    _mm512_slli_epi32::<7>(_mm512_loadu_epi32(n.add(16))),
+                    _mm512_loadu_ps(l),
+                    _mm512_loadu_ps(l.add(16)),
+                )
+            };
+            for r in 0..R {
+                let va = _mm512_dpbusd_epi32(oa, wa[r], xa);
+                let vb = _mm512_dpbusd_epi32(ob, wb[r], xb);
+                acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(va), _mm512_mul_ps(sa[r], da), acc[t][r]);
+                acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(vb), _mm512_mul_ps(sb[r], db), acc[t][r]);
+            }
+        }
+        b += 4;
+    }
+    // The last step's m < 4 blocks: row r's block b + k is unit b·R + r·m + k.
+    let m = nb - b;
+    let mut k = 0;
+    while k < m {
+        let pair = k + 1 < m;
+        let mut wv = [_mm512_setzero_si512(); R];
+        let mut sc = [_mm512_setzero_ps(); R];
+        // SAFETY: units of the last step, inside the tile (caller).
+        unsafe {
+            for r in 0..R {
+                let u = b * R + r * m + k;
+                let pa = quants.add(QK * u);
+                wv[r] = if pair {
+                    _mm512_loadu_si512(pa as *const __m512i)
+                } else {
+                    let lo = _mm256_loadu_si256(pa as *const __m256i);
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), lo)
+                };
+                sc[r] = pair_scales(tile.add(2 * u), tile.add(2 * (u + pair as usize)));
+            }
+        }
+        let bk = b + k;
+        let (m8, m16): (u64, u16) = if pair { (!0, !0) } else { (0xFFFF_FFFF, 0x00FF) };
+        for t in 0..T {
+            // SAFETY: as in qdot_tile's pair loop, for block bk.
+            let (xq, off, dx) = unsafe {
+                let xq = _mm512_maskz_loadu_epi8(m8, q.add(t * cols + bk * QK));
+                let n = _mm512_maskz_loadu_epi32(m16, ns.add(t * g + bk * (QK / LANE)));
+                (xq, _mm512_slli_epi32::<7>(n), _mm512_maskz_loadu_ps(m16, ls.add(t * g + bk * (QK / LANE))))
+            };
+            for r in 0..R {
+                let v = _mm512_dpbusd_epi32(off, wv[r], xq);
+                acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(sc[r], dx), acc[t][r]);
+            }
+        }
+        k += 2;
+    }
+    let mut out = [[0f32; R]; T];
+    for t in 0..T {
+        for r in 0..R {
+            out[t][r] = hsum(acc[t][r]);
+        }
+    }
+    out
+}
+
+/// q8 row tiles ([`crate::row_tiles`]): [`qdot_q8_row_tile`] with VNNI, otherwise each
+/// tile copied back to rows ([`super::untiled`]).
+fn q8_row_tiles(x: Acts<'_>, n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
+    if !has_vnni() {
+        return super::untiled(matmul, x, n_tokens, w, y, y_stride);
+    }
+    // SAFETY: VNNI checked just above, the other features by `matmul`; shapes as `matmul`
+    // asserted them.
+    unsafe { q8_row_tiles_vnni(x, n_tokens, w, y, y_stride) }
+}
+
+/// The walk of [`q8_row_tiles`]: tile by tile, four tokens at a time, then one.
+///
+/// # Safety
+/// As [`matmul_impl`], with VNNI; `w` holds q8 row tiles.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512vnni")]
+unsafe fn q8_row_tiles_vnni(x: Acts<'_>, n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
+    let (rows, cols) = (w.rows, w.cols);
+    let (base, _, _) = raw(&w);
+    let nb = cols / QK;
+    let g = cols / LANE;
+    let pf = PREFETCH_TILES * NR * nb * Q8_BYTES;
+    let (q, ns, ls) = (x.q.as_ptr(), x.neg_sums.as_ptr(), x.scales.as_ptr());
+    macro_rules! run {
+        ($r:literal, $t:literal, $r0:expr, $t0:expr) => {{
+            // SAFETY: the tile of rows r0 .. r0 + R starts at byte r0 · nb · 34 (row tiles;
+            // R is its row count); tokens t0 .. t0 + T have their quantized activations
+            // (matmul asserted them).
+            let out = unsafe {
+                qdot_q8_row_tile::<$r, $t>(
+                    q.add($t0 * cols),
+                    ns.add($t0 * g),
+                    ls.add($t0 * g),
+                    cols,
+                    base.add($r0 * nb * Q8_BYTES),
+                    nb,
+                    pf,
+                )
+            };
+            for t in 0..$t {
+                for r in 0..$r {
+                    y[($t0 + t) * y_stride + $r0 + r] = out[t][r];
+                }
+            }
+        }};
+    }
+    let tok_full = n_tokens / NT * NT;
+    let mut r0 = 0;
+    while r0 < rows {
+        let rt = NR.min(rows - r0);
+        let mut t0 = 0;
+        if rt == NR {
+            while t0 < tok_full {
+                run!(4, 4, r0, t0);
+                t0 += NT;
+            }
+        }
+        while t0 < n_tokens {
+            match rt {
+                4 => run!(4, 1, r0, t0),
+                3 => run!(3, 1, r0, t0),
+                2 => run!(2, 1, r0, t0),
+                _ => run!(1, 1, r0, t0),
+            }
+            t0 += 1;
+        }
+        r0 += rt;
+    }
+}
+
 /// # Safety
 /// As [`matmul_impl`]; `K` matches the weight type of `w`.
 #[inline]

@@ -20,9 +20,11 @@ mod scalar;
 use half::{bf16, f16};
 
 use crate::dispatch::{active_isa, Isa};
+use crate::moe::GateUpRef;
 use crate::parallel::SyncPtr;
 use crate::quant::{BlockQ4, BlockQ8, QK};
 use crate::row_groups::GroupedRef;
+use crate::row_tiles::{Q8_BLOCK_BYTES, TILE_ROWS};
 use crate::KernelError;
 
 /// Borrowed weight elements, row-major. Quantized variants hold `QK`-element blocks.
@@ -33,6 +35,9 @@ pub enum WeightsRef<'a> {
     F16(&'a [f16]),
     Q8(&'a [BlockQ8]),
     Q4(&'a [BlockQ4]),
+    /// q8 blocks in tiles of four rows ([`crate::row_tiles`]); a [`MatRef`] of it has
+    /// `stride == cols` and is cut into row ranges only at tile boundaries.
+    Q8Tiles(&'a [u8]),
 }
 
 impl<'a> WeightsRef<'a> {
@@ -44,6 +49,7 @@ impl<'a> WeightsRef<'a> {
             WeightsRef::F16(w) => w.len(),
             WeightsRef::Q8(w) => w.len() * QK,
             WeightsRef::Q4(w) => w.len() * QK,
+            WeightsRef::Q8Tiles(w) => w.len() / Q8_BLOCK_BYTES * QK,
         }
     }
 
@@ -59,6 +65,7 @@ impl<'a> WeightsRef<'a> {
             WeightsRef::F16(w) => std::mem::size_of_val(*w),
             WeightsRef::Q8(w) => std::mem::size_of_val(*w),
             WeightsRef::Q4(w) => std::mem::size_of_val(*w),
+            WeightsRef::Q8Tiles(w) => w.len(),
         }
     }
 
@@ -82,11 +89,18 @@ impl<'a> WeightsRef<'a> {
                 );
                 WeightsRef::Q4(&w[start / QK..end / QK])
             }
+            WeightsRef::Q8Tiles(w) => {
+                assert!(
+                    start.is_multiple_of(QK) && end.is_multiple_of(QK),
+                    "quantized slice {start}..{end} not block aligned"
+                );
+                WeightsRef::Q8Tiles(&w[start / QK * Q8_BLOCK_BYTES..end / QK * Q8_BLOCK_BYTES])
+            }
         }
     }
 
     pub(crate) fn is_quantized(&self) -> bool {
-        matches!(self, WeightsRef::Q8(_) | WeightsRef::Q4(_))
+        matches!(self, WeightsRef::Q8(_) | WeightsRef::Q4(_) | WeightsRef::Q8Tiles(_))
     }
 }
 
@@ -124,6 +138,9 @@ impl<'a> MatRef<'a> {
         if data.is_quantized() && (!cols.is_multiple_of(QK) || !stride.is_multiple_of(QK)) {
             return Err(KernelError::QuantizedShape { cols, stride });
         }
+        if matches!(data, WeightsRef::Q8Tiles(_)) && stride != cols {
+            return Err(KernelError::QuantizedShape { cols, stride });
+        }
         Ok(Self { data, rows, cols, stride })
     }
 
@@ -147,17 +164,32 @@ impl<'a> MatRef<'a> {
             WeightsRef::Bf16(_) | WeightsRef::F16(_) => n * 2,
             WeightsRef::Q8(_) => n / QK * std::mem::size_of::<BlockQ8>(),
             WeightsRef::Q4(_) => n / QK * std::mem::size_of::<BlockQ4>(),
+            WeightsRef::Q8Tiles(_) => n / QK * Q8_BLOCK_BYTES,
         }
     }
 
-    /// Row `r`'s `cols` weights.
+    /// Row `r`'s `cols` weights. Panics for tiled weights, whose rows are not contiguous
+    /// (see [`MatRef::row_to_f32`]).
     pub fn row(&self, r: usize) -> WeightsRef<'a> {
+        assert!(!matches!(self.data, WeightsRef::Q8Tiles(_)), "a row of tiled weights is not contiguous");
         self.data.slice(r * self.stride, r * self.stride + self.cols)
     }
 
-    /// Rows `start..end` as a matrix of their own.
+    /// Whether the weights are stored in row tiles ([`crate::row_tiles`]).
+    pub fn is_tiled(&self) -> bool {
+        matches!(self.data, WeightsRef::Q8Tiles(_))
+    }
+
+    /// Rows `start..end` as a matrix of their own. For tiled weights `start` must start a
+    /// tile and `end` end one (or be the last row).
     pub fn row_range(&self, start: usize, end: usize) -> MatRef<'a> {
         assert!(start <= end && end <= self.rows, "row range {start}..{end} of {}", self.rows);
+        if self.is_tiled() {
+            assert!(
+                start.is_multiple_of(TILE_ROWS) && (end.is_multiple_of(TILE_ROWS) || end == self.rows),
+                "row range {start}..{end} of tiled weights does not follow tile boundaries"
+            );
+        }
         let data = if start == end {
             self.data.slice(0, 0)
         } else {
@@ -168,12 +200,18 @@ impl<'a> MatRef<'a> {
 
     /// Row `r` converted to f32 (embedding lookup).
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        if let WeightsRef::Q8Tiles(t) = self.data {
+            let mut blocks = vec![BlockQ8 { d: f16::ZERO, qs: [0; QK] }; self.cols / QK];
+            crate::row_tiles::untile_q8_row(t, self.rows, self.cols, r, &mut blocks);
+            return crate::quant::dequantize_q8(&blocks, out);
+        }
         match self.row(r) {
             WeightsRef::F32(w) => out.copy_from_slice(w),
             WeightsRef::Bf16(w) => out.iter_mut().zip(w).for_each(|(o, v)| *o = v.to_f32()),
             WeightsRef::F16(w) => out.iter_mut().zip(w).for_each(|(o, v)| *o = v.to_f32()),
             WeightsRef::Q8(w) => crate::quant::dequantize_q8(w, out),
             WeightsRef::Q4(w) => crate::quant::dequantize_q4(w, out),
+            WeightsRef::Q8Tiles(_) => unreachable!("handled above"),
         }
     }
 }
@@ -351,7 +389,7 @@ fn q4_blocks_per_step(isa: Isa) -> Option<usize> {
 /// ([`Acts`]), prepared here in this thread's scratch (a fresh buffer if that is in use).
 fn with_acts<R>(isa: Isa, x: &[f32], cols: usize, w: &MatRef<'_>, f: impl FnOnce(Acts<'_>) -> R) -> R {
     let prep = match (w.data, isa.bf16_chunk()) {
-        (WeightsRef::Q8(_), _) => Prep::Quantize(None),
+        (WeightsRef::Q8(_) | WeightsRef::Q8Tiles(_), _) => Prep::Quantize(None),
         (WeightsRef::Q4(_), _) => Prep::Quantize(q4_blocks_per_step(isa)),
         (WeightsRef::Bf16(_), Some(chunk)) if cols >= chunk => Prep::OddEven(chunk),
         _ => return f(Acts { x, q: &[], neg_sums: &[], scales: &[], cols }),
@@ -550,22 +588,25 @@ const _: () = assert!(2 * GATE_UP_RUN <= ROWS_PER_TASK);
 /// [`crate::moe::ExpertRef::interleaved`]) a task reads its block's gate and up rows as one
 /// run of that matrix: the same dot products. `act` (at least `2 · n_tokens · ffn` floats)
 /// is scratch.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn swiglu_with(
     isa: Isa,
     x: &[f32],
-    gate: MatRef<'_>,
-    up: MatRef<'_>,
-    gate_up: Option<MatRef<'_>>,
+    gate_up: GateUpRef<'_>,
     down_t: AxpyRef<'_>,
     act: &mut [f32],
     out: &mut [f32],
 ) {
+    let (gate, up, gate_up) = match gate_up {
+        GateUpRef::Separate { gate, up } => (gate, up, None),
+        // gate and up are unused with the interleaved matrix but for their shape.
+        GateUpRef::Interleaved(gu) => {
+            assert!(gu.rows.is_multiple_of(2), "gate_up is not [2 · ffn, hidden]");
+            let half = MatRef { rows: gu.rows / 2, ..gu };
+            (half, half, Some(gu))
+        }
+    };
     assert!(gate.rows == up.rows && gate.cols == up.cols, "gate and up shapes differ");
     assert!(down_t.rows() == gate.rows && down_t.cols() == gate.cols, "downᵀ shape differs from gate");
-    if let Some(gu) = &gate_up {
-        assert!(gu.rows == 2 * gate.rows && gu.cols == gate.cols, "gate_up is not [2 · ffn, hidden]");
-    }
     out.fill(0.0);
     let (ffn, hidden) = (gate.rows, gate.cols);
     if ffn == 0 || hidden == 0 {
@@ -574,16 +615,14 @@ pub(crate) fn swiglu_with(
     let n_tokens = x.len() / hidden;
     assert_eq!(x.len(), n_tokens * hidden, "x is not [n_tokens, hidden]");
     assert!(act.len() >= 2 * n_tokens * ffn, "act scratch too small");
-    let (g, u) = act[..2 * n_tokens * ffn].split_at_mut(n_tokens * ffn);
     assert_eq!(out.len(), n_tokens * hidden, "out is not [n_tokens, hidden]");
     if n_tokens == 0 {
         return;
     }
     let Some(axpy) = axpy_kernel(isa) else {
         // The scalar oracle: unfused, one pass per row of downᵀ.
-        matmul_with(isa, x, gate, g);
-        matmul_with(isa, x, up, u);
-        crate::activation::silu_mul(g, u);
+        let gu = gate_up.map_or(GateUpRef::Separate { gate, up }, GateUpRef::Interleaved);
+        let g = crate::moe::gate_up_act(isa, x, n_tokens, gu, act);
         scalar_axpy(g, n_tokens, down_t, out);
         return;
     };
@@ -669,6 +708,44 @@ fn prefetch(p: *const u8) {
 fn f16_table() -> &'static [f32] {
     static TABLE: std::sync::OnceLock<Box<[f32]>> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| (0..=u16::MAX).map(|b| f16::from_bits(b).to_f32()).collect())
+}
+
+thread_local! {
+    /// Row-major copies of one tile and its outputs for [`untiled`] (grow, never shrink).
+    static UNTILE_SCRATCH: std::cell::RefCell<(Vec<BlockQ8>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `kernel` over q8 row tiles ([`crate::row_tiles`]) for the ISAs without a tiled kernel:
+/// each tile copied back to row-major blocks, then the row-major kernel (so the same
+/// products as the row-major weights).
+fn untiled(kernel: Kernel, x: Acts<'_>, n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
+    let WeightsRef::Q8Tiles(t) = w.data else { unreachable!("untiled takes tiled weights") };
+    let (rows, cols) = (w.rows, w.cols);
+    let nb = cols / QK;
+    let mut run = |(buf, y_tile): &mut (Vec<BlockQ8>, Vec<f32>)| {
+        buf.resize(TILE_ROWS * nb, BlockQ8 { d: f16::ZERO, qs: [0; QK] });
+        y_tile.resize(n_tokens * TILE_ROWS, 0.0);
+        let mut r0 = 0;
+        while r0 < rows {
+            let rt = TILE_ROWS.min(rows - r0);
+            let tile = &t[r0 * nb * Q8_BLOCK_BYTES..(r0 + rt) * nb * Q8_BLOCK_BYTES];
+            for r in 0..rt {
+                crate::row_tiles::untile_q8_row(tile, rt, cols, r, &mut buf[r * nb..(r + 1) * nb]);
+            }
+            let m = MatRef { data: WeightsRef::Q8(&buf[..rt * nb]), rows: rt, cols, stride: cols };
+            kernel(x, n_tokens, m, y_tile, rt);
+            for tk in 0..n_tokens {
+                y[tk * y_stride + r0..tk * y_stride + r0 + rt]
+                    .copy_from_slice(&y_tile[tk * rt..(tk + 1) * rt]);
+            }
+            r0 += rt;
+        }
+    };
+    UNTILE_SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut buf) => run(&mut buf),
+        Err(_) => run(&mut (Vec::new(), Vec::new())),
+    });
 }
 
 /// A kernel for `n_tokens` tokens with `y` of stride `y_stride` per token.

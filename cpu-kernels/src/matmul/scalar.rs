@@ -11,7 +11,9 @@ fn dot(x: &[f32], w: WeightsRef<'_>) -> f32 {
         WeightsRef::F32(d) => x.iter().zip(d).fold(0.0, |acc, (a, b)| acc + a * b),
         WeightsRef::Bf16(d) => x.iter().zip(d).fold(0.0, |acc, (a, b)| acc + a * b.to_f32()),
         WeightsRef::F16(d) => x.iter().zip(d).fold(0.0, |acc, (a, b)| acc + a * b.to_f32()),
-        WeightsRef::Q8(_) | WeightsRef::Q4(_) => unreachable!("quantized rows take qdot"),
+        WeightsRef::Q8(_) | WeightsRef::Q4(_) | WeightsRef::Q8Tiles(_) => {
+            unreachable!("quantized rows take qdot")
+        }
     }
 }
 
@@ -40,6 +42,9 @@ fn qdot(q: &[i8], scales: &[f32], w: WeightsRef<'_>) -> f32 {
 
 /// `y[t * y_stride + r] = dot(x_t, W_r)`.
 pub(super) fn matmul(x: Acts<'_>, n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
+    if w.is_tiled() {
+        return super::untiled(matmul, x, n_tokens, w, y, y_stride);
+    }
     let cols = w.cols();
     let g = cols / LANE;
     for t in 0..n_tokens {
