@@ -15,7 +15,7 @@ use hetmoe_cpu_kernels::memory::HugeBuf;
 use hetmoe_cpu_kernels::moe::{expert_swiglu, ExpertRef};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
 use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
-use hetmoe_cpu_kernels::row_tiles;
+use hetmoe_cpu_kernels::row_tiles::{self, TileKind};
 
 const H: usize = 1024;
 const F: usize = 3584;
@@ -85,17 +85,23 @@ fn main() {
         g8sets.iter().map(|g| GroupedRef::new(GroupKind::Q8, g, 3 * F, H).unwrap()).collect();
     let gv4: Vec<GroupedRef<'_>> =
         g4sets.iter().map(|g| GroupedRef::new(GroupKind::Q4, g, 3 * F, H).unwrap()).collect();
-    // The q8 sets in row tiles (the engine's q8 matvec layout with AVX-512 VNNI), for `mt`
-    // (matvec) and `et` (expert: gate/up interleaved in tiles, downᵀ grouped).
+    // The quantized sets in row tiles (the engine's q8 / q4 matvec layout with AVX-512
+    // VNNI), for `mt` (matvec) and `et` (expert: gate/up interleaved in tiles, downᵀ grouped).
     let want_tiles = which.iter().any(|k| k == "mt" || k == "et");
-    let t8sets: Vec<HugeBuf<u8>> = if want_tiles {
-        let mut t = vec![0u8; row_tiles::matrix_bytes(3 * F, H)];
-        row_tiles::tile_q8_rows(&q8, 3 * F, H, &mut t);
-        (0..nq8).map(|_| HugeBuf::from_slice(&t)).collect()
-    } else {
-        Vec::new()
+    let tiled = |kind: TileKind, n: usize| -> Vec<HugeBuf<u8>> {
+        if !want_tiles {
+            return Vec::new();
+        }
+        let mut t = vec![0u8; kind.matrix_bytes(3 * F, H)];
+        match kind {
+            TileKind::Q8 => row_tiles::tile_q8_rows(&q8, 3 * F, H, &mut t),
+            TileKind::Q4 => row_tiles::tile_q4_rows(&q4, 3 * F, H, &mut t),
+        }
+        (0..n).map(|_| HugeBuf::from_slice(&t)).collect()
     };
+    let (t8sets, t4sets) = (tiled(TileKind::Q8, nq8), tiled(TileKind::Q4, nq4));
     let vt8 = vw(t8sets.iter().map(|v| WeightsRef::Q8Tiles(v)).collect());
+    let vt4 = vw(t4sets.iter().map(|v| WeightsRef::Q4Tiles(v)).collect());
     let mut probe = HugeBuf::<f32>::zeroed(PROBE / 4);
     probe.fill(1.0);
     let vb = vw(bsets.iter().map(|v| WeightsRef::Bf16(v)).collect());
@@ -119,7 +125,11 @@ fn main() {
             });
             let mut line = format!("round {r}: probe {bw:5.1} GB/s |");
             note("probe".into(), bw);
-            for (name, set, gset) in [("bf16", &vb, None), ("q8", &v8, Some(&gv8)), ("q4", &v4, Some(&gv4))] {
+            for (name, set, gset, tset) in [
+                ("bf16", &vb, None, None),
+                ("q8", &v8, Some(&gv8), Some(&vt8)),
+                ("q4", &v4, Some(&gv4), Some(&vt4)),
+            ] {
                 let bytes: usize = set.iter().map(|m| m.size_bytes()).sum();
                 for n in [1usize, 8] {
                     if which.contains(&"mv".to_string()) {
@@ -131,18 +141,20 @@ fn main() {
                         line += &format!(" mv {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
                         note(format!("mv {name} n{n}"), g);
                     }
-                    if which.contains(&"mt".to_string()) && name == "q8" {
+                    if let (true, Some(tset)) = (which.contains(&"mt".to_string()), tset) {
                         let g = rate(bytes, || {
-                            for m in &vt8 {
+                            for m in tset.iter() {
                                 matmul(&x[..n * H], *m, &mut y[..n * 3 * F]);
                             }
                         });
                         line += &format!(" mt {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
                         note(format!("mt {name} n{n}"), g);
                     }
-                    if which.contains(&"et".to_string()) && name == "q8" && n == 1 {
+                    if let (true, 1, Some(tset), Some(gset)) =
+                        (which.contains(&"et".to_string()), n, tset, gset)
+                    {
                         let g = rate(bytes, || {
-                            for (m, gm) in vt8.iter().zip(gv8.iter()) {
+                            for (m, gm) in tset.iter().zip(gset.iter()) {
                                 let e =
                                     ExpertRef::interleaved(m.row_range(0, 2 * F), gm.row_range(2 * F, 3 * F));
                                 expert_swiglu(&x[..n * H], e.unwrap(), &mut act, &mut out[..n * H]);

@@ -6,6 +6,7 @@ use half::bf16;
 use hetmoe_cpu_kernels::matmul::{axpy_rows_with, matmul_with, MatRef, WeightsRef};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
 use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
+use hetmoe_cpu_kernels::row_tiles::{self, TileKind};
 use hetmoe_cpu_kernels::Isa;
 
 fn main() {
@@ -20,8 +21,10 @@ fn main() {
     group_q8_rows(&q8, rows, cols, &mut g8);
     let mut g4 = vec![0u8; GroupKind::Q4.matrix_bytes(rows, cols)];
     group_q4_rows(&q4, rows, cols, &mut g4);
-    let mut t8 = vec![0u8; hetmoe_cpu_kernels::row_tiles::matrix_bytes(rows, cols)];
-    hetmoe_cpu_kernels::row_tiles::tile_q8_rows(&q8, rows, cols, &mut t8);
+    let mut t8 = vec![0u8; TileKind::Q8.matrix_bytes(rows, cols)];
+    row_tiles::tile_q8_rows(&q8, rows, cols, &mut t8);
+    let mut t4 = vec![0u8; TileKind::Q4.matrix_bytes(rows, cols)];
+    row_tiles::tile_q4_rows(&q4, rows, cols, &mut t4);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let x = vec![0.5f32; 64 * cols];
     let mut y = vec![0f32; 64 * rows];
@@ -34,6 +37,7 @@ fn main() {
                 ("q8", WeightsRef::Q8(&q8)),
                 ("q4", WeightsRef::Q4(&q4)),
                 ("q8t", WeightsRef::Q8Tiles(&t8)),
+                ("q4t", WeightsRef::Q4Tiles(&t4)),
             ] {
                 let m = MatRef::new(d, rows, cols).unwrap();
                 let mut line = format!("{isa:?} {name:5}");
@@ -46,7 +50,7 @@ fn main() {
                     let s = t.elapsed().as_secs_f64();
                     line += &format!(" n{n}: {:6.1} GFMA/s", (reps * n * rows * cols) as f64 / s / 1e9);
                 }
-                if name == "q8t" {
+                if name.ends_with('t') {
                     // Row tiles are a matvec layout (no axpy over them).
                     println!("{line}");
                     continue;

@@ -13,7 +13,7 @@ use hetmoe_cpu_kernels::memory::{HugeBuf, ZeroValid};
 use hetmoe_cpu_kernels::moe::ExpertRef;
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
 use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
-use hetmoe_cpu_kernels::row_tiles;
+use hetmoe_cpu_kernels::row_tiles::{self, TileKind};
 use hetmoe_cpu_kernels::{MatRef, WeightsRef};
 use hetmoe_storage::{Checkpoint, DType, FfnKind, ModelSpec, Tensor, WeightKey};
 
@@ -38,8 +38,10 @@ enum Store {
     F16(HugeBuf<f16>),
     Q8(HugeBuf<BlockQ8>),
     Q4(HugeBuf<BlockQ4>),
-    /// q8 in row tiles ([`row_tiles`]): the matvec layout where the CPU has a kernel for it.
+    /// q8 / q4 in row tiles ([`row_tiles`]): the matvec layout where the CPU has a kernel
+    /// for it.
     Q8Tiles(HugeBuf<u8>),
+    Q4Tiles(HugeBuf<u8>),
 }
 
 /// A matrix read only as the terms of an `axpy` (an MLP's `downᵀ`): rows, or for quantized
@@ -132,6 +134,7 @@ impl Linear {
             Store::Q8(v) => WeightsRef::Q8(&v[..]),
             Store::Q4(v) => WeightsRef::Q4(&v[..]),
             Store::Q8Tiles(v) => WeightsRef::Q8Tiles(&v[..]),
+            Store::Q4Tiles(v) => WeightsRef::Q4Tiles(&v[..]),
         };
         MatRef::new(data, self.rows, self.cols).expect("shape checked at load")
     }
@@ -182,24 +185,35 @@ impl Linear {
             WeightsRef::F16(w) => Store::F16(transpose(w, r, c)),
             WeightsRef::F32(w) => Store::F32(transpose(w, r, c)),
             // Quantization happens after transposition, never before.
-            WeightsRef::Q8(_) | WeightsRef::Q4(_) | WeightsRef::Q8Tiles(_) => {
+            WeightsRef::Q8(_) | WeightsRef::Q4(_) | WeightsRef::Q8Tiles(_) | WeightsRef::Q4Tiles(_) => {
                 unreachable!("transposing quantized weights")
             }
         };
         Linear { store, rows: c, cols: r }
     }
 
-    /// For matvecs: q8 rows put in row tiles where the active ISA has a kernel for them
-    /// ([`row_tiles::pays_off`]); the same products, so the same logits either way.
+    /// For matvecs: quantized rows put in row tiles where the active ISA has a kernel for
+    /// them ([`row_tiles::pays_off`]); the same products, so the same logits either way.
     fn for_matvec(self) -> Linear {
-        match &self.store {
-            Store::Q8(b) if row_tiles::pays_off() => {
-                let mut t = HugeBuf::<u8>::zeroed(row_tiles::matrix_bytes(self.rows, self.cols));
-                row_tiles::tile_q8_rows(b, self.rows, self.cols, &mut t);
-                Linear { store: Store::Q8Tiles(t), rows: self.rows, cols: self.cols }
-            }
-            _ => self,
+        if !row_tiles::pays_off() {
+            return self;
         }
+        let (rows, cols) = (self.rows, self.cols);
+        let tiles = |kind: TileKind| HugeBuf::<u8>::zeroed(kind.matrix_bytes(rows, cols));
+        let store = match &self.store {
+            Store::Q8(b) => {
+                let mut t = tiles(TileKind::Q8);
+                row_tiles::tile_q8_rows(b, rows, cols, &mut t);
+                Store::Q8Tiles(t)
+            }
+            Store::Q4(b) => {
+                let mut t = tiles(TileKind::Q4);
+                row_tiles::tile_q4_rows(b, rows, cols, &mut t);
+                Store::Q4Tiles(t)
+            }
+            _ => return self,
+        };
+        Linear { store, rows, cols }
     }
 
     /// The matrix quantized row by row into `format` (rows whose length is not a multiple

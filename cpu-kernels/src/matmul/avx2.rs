@@ -363,9 +363,9 @@ unsafe fn qdot_tile<const Q: u8, const R: usize, const T: usize>(
     out
 }
 
-/// q8 row tiles: no tiled kernel here; each tile is copied back to rows
+/// Row tiles: no tiled kernel here; each tile is copied back to rows
 /// ([`super::untiled`]).
-fn q8_row_tiles(x: Acts<'_>, n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
+fn row_tiles(x: Acts<'_>, n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
     super::untiled(matmul, x, n_tokens, w, y, y_stride)
 }
 

@@ -237,17 +237,28 @@ unsafe fn weight_bytes<const Q: u8>(pa: *const u8, pb: *const u8) -> __m512i {
             let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
             _mm512_xor_si512(v, _mm512_set1_epi8(i8::MIN))
         } else {
-            // 128-bit lanes [a, a, b, b]; lanes 1 and 3 shifted right by 4 (the high
-            // nibbles, elements 16..32 of their block), then every byte masked to 4 bits.
-            let a = _mm_loadu_si128(pa.add(2) as *const __m128i);
-            let b = _mm_loadu_si128(pb.add(2) as *const __m128i);
-            let v = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_set_m128i(a, a)),
-                _mm256_set_m128i(b, b),
-            );
-            let v = _mm512_mask_srli_epi16::<4>(v, 0xFF00_FF00, v);
-            _mm512_and_si512(v, _mm512_set1_epi8(0x0f))
+            q4_pair_bytes(pa.add(2), pb.add(2))
         }
+    }
+}
+
+/// The nibbles of two q4 blocks' weights (16 bytes each at `qa` and `qb`) as 64 unsigned
+/// bytes in element order: 128-bit lanes [a, a, b, b], lanes 1 and 3 shifted right by 4
+/// (the high nibbles, elements 16..32 of their block), then every byte masked to 4 bits.
+///
+/// # Safety
+/// `qa` and `qb` point to 16 readable bytes each.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn q4_pair_bytes(qa: *const u8, qb: *const u8) -> __m512i {
+    // SAFETY: two 16-byte unaligned loads (caller).
+    unsafe {
+        let a = _mm_loadu_si128(qa as *const __m128i);
+        let b = _mm_loadu_si128(qb as *const __m128i);
+        let v =
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_set_m128i(a, a)), _mm256_set_m128i(b, b));
+        let v = _mm512_mask_srli_epi16::<4>(v, 0xFF00_FF00, v);
+        _mm512_and_si512(v, _mm512_set1_epi8(0x0f))
     }
 }
 
@@ -597,44 +608,182 @@ unsafe fn qdot_q8_row_tile<const R: usize, const T: usize>(
     out
 }
 
-/// q8 row tiles ([`crate::row_tiles`]): [`qdot_q8_row_tile`] with VNNI, otherwise each
-/// tile copied back to rows ([`super::untiled`]).
-fn q8_row_tiles(x: Acts<'_>, n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
+/// [`qdot_q8_row_tile`] for a q4 row tile: term by term and in order the products and sums
+/// of [`qdot_tile`] over q4 rows (groups of four blocks against activations grouped by
+/// `quant::group_q4_acts`, then pairs, then an odd last block). A row's four blocks of a
+/// step are one 64-byte load; the step's scales, for all its rows, one load and one
+/// conversion, spread per row by one permute.
+///
+/// # Safety
+/// As [`qdot_q8_row_tile`], for a q4 tile.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512vnni")]
+unsafe fn qdot_q4_row_tile<const R: usize, const T: usize>(
+    q: *const i8,
+    ns: *const i32,
+    ls: *const f32,
+    cols: usize,
+    tile: *const u8,
+    nb: usize,
+    pf: usize,
+) -> [[f32; R]; T] {
+    let g = cols / LANE;
+    let g16 = QK / 2;
+    let qb = QK / 2;
+    let quants = tile.wrapping_add(2 * R * nb);
+    let mut acc = [[_mm512_setzero_ps(); R]; T];
+    let scale_mask = ((1u32 << (4 * R)) - 1) as u16;
+    let nib = _mm512_set1_epi8(0x0f);
+    // Row r's four scales of a step, each in four lanes (lanes 4k..4k + 4: block k).
+    let mut spread = [_mm512_setzero_si512(); R];
+    for (r, s) in spread.iter_mut().enumerate() {
+        let k = 4 * r as i32;
+        *s = _mm512_setr_epi32(
+            k,
+            k,
+            k,
+            k,
+            k + 1,
+            k + 1,
+            k + 1,
+            k + 1,
+            k + 2,
+            k + 2,
+            k + 2,
+            k + 2,
+            k + 3,
+            k + 3,
+            k + 3,
+            k + 3,
+        );
+    }
+    let mut b = 0;
+    while b + Q4_GROUP <= nb {
+        let u0 = b * R;
+        let mut lo = [_mm512_setzero_si512(); R];
+        let mut hi = [_mm512_setzero_si512(); R];
+        let mut sc = [_mm512_setzero_ps(); R];
+        // SAFETY: the step's 4R scales at byte 2·u0 and its 4R units at quants + 16·u0 lie
+        // inside the tile (caller); prefetches never fault.
+        unsafe {
+            let d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(scale_mask, tile.add(2 * u0) as *const i16));
+            prefetch(tile.wrapping_add(2 * u0 + pf));
+            for r in 0..R {
+                let p = quants.add(qb * (u0 + 4 * r));
+                let v = _mm512_loadu_si512(p as *const __m512i);
+                lo[r] = _mm512_and_si512(v, nib);
+                hi[r] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
+                sc[r] = _mm512_permutexvar_ps(spread[r], d);
+                prefetch(p.wrapping_add(pf));
+            }
+        }
+        let lane = b / Q4_GROUP * g16;
+        for t in 0..T {
+            // SAFETY: as in qdot_tile's q4 groups.
+            let (xl, xh, off, dx) = unsafe {
+                let xq = q.add(t * cols + b * QK);
+                (
+                    _mm512_loadu_epi8(xq),
+                    _mm512_loadu_epi8(xq.add(64)),
+                    _mm512_slli_epi32::<3>(_mm512_loadu_epi32(ns.add(t * g + lane))),
+                    _mm512_loadu_ps(ls.add(t * g + lane)),
+                )
+            };
+            for r in 0..R {
+                let v = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(off, lo[r], xl), hi[r], xh);
+                acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(sc[r], dx), acc[t][r]);
+            }
+        }
+        b += Q4_GROUP;
+    }
+    // The last step's m < 4 blocks: row r's block b + k is unit b·R + r·m + k.
+    let m = nb - b;
+    let mut k = 0;
+    while k < m {
+        let pair = k + 1 < m;
+        let mut wv = [_mm512_setzero_si512(); R];
+        let mut sc = [_mm512_setzero_ps(); R];
+        // SAFETY: units of the last step, inside the tile (caller).
+        unsafe {
+            for r in 0..R {
+                let u = b * R + r * m + k;
+                let ub = u + pair as usize;
+                wv[r] = q4_pair_bytes(quants.add(qb * u), quants.add(qb * ub));
+                sc[r] = pair_scales(tile.add(2 * u), tile.add(2 * ub));
+            }
+        }
+        let bk = b + k;
+        let (m8, m16): (u64, u16) = if pair { (!0, !0) } else { (0xFFFF_FFFF, 0x00FF) };
+        for t in 0..T {
+            // SAFETY: as in qdot_tile's pair loop, for block bk.
+            let (xq, off, dx) = unsafe {
+                let xq = _mm512_maskz_loadu_epi8(m8, q.add(t * cols + bk * QK));
+                let n = _mm512_maskz_loadu_epi32(m16, ns.add(t * g + bk * (QK / LANE)));
+                (xq, _mm512_slli_epi32::<3>(n), _mm512_maskz_loadu_ps(m16, ls.add(t * g + bk * (QK / LANE))))
+            };
+            for r in 0..R {
+                let v = _mm512_dpbusd_epi32(off, wv[r], xq);
+                acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(sc[r], dx), acc[t][r]);
+            }
+        }
+        k += 2;
+    }
+    let mut out = [[0f32; R]; T];
+    for t in 0..T {
+        for r in 0..R {
+            out[t][r] = hsum(acc[t][r]);
+        }
+    }
+    out
+}
+
+/// Row tiles ([`crate::row_tiles`]): [`qdot_q8_row_tile`] / [`qdot_q4_row_tile`] with VNNI,
+/// otherwise each tile copied back to rows ([`super::untiled`]).
+fn row_tiles(x: Acts<'_>, n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
     if !has_vnni() {
         return super::untiled(matmul, x, n_tokens, w, y, y_stride);
     }
     // SAFETY: VNNI checked just above, the other features by `matmul`; shapes as `matmul`
     // asserted them.
-    unsafe { q8_row_tiles_vnni(x, n_tokens, w, y, y_stride) }
+    unsafe {
+        match w.data {
+            WeightsRef::Q8Tiles(_) => row_tiles_vnni::<Q_8>(x, n_tokens, w, y, y_stride),
+            _ => row_tiles_vnni::<Q_4>(x, n_tokens, w, y, y_stride),
+        }
+    }
 }
 
-/// The walk of [`q8_row_tiles`]: tile by tile, four tokens at a time, then one.
+/// The walk of [`row_tiles`]: tile by tile, four tokens at a time, then one.
 ///
 /// # Safety
-/// As [`matmul_impl`], with VNNI; `w` holds q8 row tiles.
+/// As [`matmul_impl`], with VNNI; `w` holds row tiles of kind `Q`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512vnni")]
-unsafe fn q8_row_tiles_vnni(x: Acts<'_>, n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
+unsafe fn row_tiles_vnni<const Q: u8>(
+    x: Acts<'_>,
+    n_tokens: usize,
+    w: MatRef<'_>,
+    y: &mut [f32],
+    y_stride: usize,
+) {
     let (rows, cols) = (w.rows, w.cols);
-    let (base, _, _) = raw(&w);
+    let (base, block_bytes, _) = raw(&w);
     let nb = cols / QK;
     let g = cols / LANE;
-    let pf = PREFETCH_TILES * NR * nb * Q8_BYTES;
+    let pf = PREFETCH_TILES * NR * nb * block_bytes;
     let (q, ns, ls) = (x.q.as_ptr(), x.neg_sums.as_ptr(), x.scales.as_ptr());
     macro_rules! run {
         ($r:literal, $t:literal, $r0:expr, $t0:expr) => {{
-            // SAFETY: the tile of rows r0 .. r0 + R starts at byte r0 · nb · 34 (row tiles;
+            // SAFETY: the tile of rows r0 .. r0 + R starts at byte r0 · nb · B (row tiles;
             // R is its row count); tokens t0 .. t0 + T have their quantized activations
             // (matmul asserted them).
             let out = unsafe {
-                qdot_q8_row_tile::<$r, $t>(
-                    q.add($t0 * cols),
-                    ns.add($t0 * g),
-                    ls.add($t0 * g),
-                    cols,
-                    base.add($r0 * nb * Q8_BYTES),
-                    nb,
-                    pf,
-                )
+                let (qt, nt, lt, tile) =
+                    (q.add($t0 * cols), ns.add($t0 * g), ls.add($t0 * g), base.add($r0 * nb * block_bytes));
+                if Q == Q_8 {
+                    qdot_q8_row_tile::<$r, $t>(qt, nt, lt, cols, tile, nb, pf)
+                } else {
+                    qdot_q4_row_tile::<$r, $t>(qt, nt, lt, cols, tile, nb, pf)
+                }
             };
             for t in 0..$t {
                 for r in 0..$r {

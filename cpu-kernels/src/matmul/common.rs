@@ -129,6 +129,7 @@ macro_rules! simd_kernels {
                 WeightsRef::Q8(s) => (s.as_ptr() as *const u8, Q8_BYTES, QK),
                 WeightsRef::Q4(s) => (s.as_ptr() as *const u8, Q4_BYTES, QK),
                 WeightsRef::Q8Tiles(s) => (s.as_ptr(), Q8_BYTES, QK),
+                WeightsRef::Q4Tiles(s) => (s.as_ptr(), Q4_BYTES, QK),
             }
         }
 
@@ -165,7 +166,7 @@ macro_rules! simd_kernels {
                     WeightsRef::F16(_) => tiles::<DT_F16, false>(x, n_tokens, w, y, y_stride),
                     WeightsRef::Q8(_) => tiles::<Q_8, true>(x, n_tokens, w, y, y_stride),
                     WeightsRef::Q4(_) => tiles::<Q_4, true>(x, n_tokens, w, y, y_stride),
-                    WeightsRef::Q8Tiles(_) => q8_row_tiles(x, n_tokens, w, y, y_stride),
+                    WeightsRef::Q8Tiles(_) | WeightsRef::Q4Tiles(_) => row_tiles(x, n_tokens, w, y, y_stride),
                 }
             }
         }
@@ -199,7 +200,9 @@ macro_rules! simd_kernels {
                     }
                     WeightsRef::Q8(_) => axpy_impl::<Q_8, true>(a, a_stride, n_tokens, w, 0, cols, yp, cols),
                     WeightsRef::Q4(_) => axpy_impl::<Q_4, true>(a, a_stride, n_tokens, w, 0, cols, yp, cols),
-                    WeightsRef::Q8Tiles(_) => panic!("axpy over q8 row tiles (a matvec layout)"),
+                    WeightsRef::Q8Tiles(_) | WeightsRef::Q4Tiles(_) => {
+                        panic!("axpy over row tiles (a matvec layout)")
+                    }
                 }
             }
         }

@@ -24,7 +24,7 @@ use crate::moe::GateUpRef;
 use crate::parallel::SyncPtr;
 use crate::quant::{BlockQ4, BlockQ8, QK};
 use crate::row_groups::GroupedRef;
-use crate::row_tiles::{Q8_BLOCK_BYTES, TILE_ROWS};
+use crate::row_tiles::{TileKind, TILE_ROWS};
 use crate::KernelError;
 
 /// Borrowed weight elements, row-major. Quantized variants hold `QK`-element blocks.
@@ -38,6 +38,8 @@ pub enum WeightsRef<'a> {
     /// q8 blocks in tiles of four rows ([`crate::row_tiles`]); a [`MatRef`] of it has
     /// `stride == cols` and is cut into row ranges only at tile boundaries.
     Q8Tiles(&'a [u8]),
+    /// q4 blocks in tiles of four rows, as [`WeightsRef::Q8Tiles`].
+    Q4Tiles(&'a [u8]),
 }
 
 impl<'a> WeightsRef<'a> {
@@ -49,7 +51,8 @@ impl<'a> WeightsRef<'a> {
             WeightsRef::F16(w) => w.len(),
             WeightsRef::Q8(w) => w.len() * QK,
             WeightsRef::Q4(w) => w.len() * QK,
-            WeightsRef::Q8Tiles(w) => w.len() / Q8_BLOCK_BYTES * QK,
+            WeightsRef::Q8Tiles(w) => w.len() / TileKind::Q8.block_bytes() * QK,
+            WeightsRef::Q4Tiles(w) => w.len() / TileKind::Q4.block_bytes() * QK,
         }
     }
 
@@ -65,7 +68,7 @@ impl<'a> WeightsRef<'a> {
             WeightsRef::F16(w) => std::mem::size_of_val(*w),
             WeightsRef::Q8(w) => std::mem::size_of_val(*w),
             WeightsRef::Q4(w) => std::mem::size_of_val(*w),
-            WeightsRef::Q8Tiles(w) => w.len(),
+            WeightsRef::Q8Tiles(w) | WeightsRef::Q4Tiles(w) => w.len(),
         }
     }
 
@@ -89,18 +92,26 @@ impl<'a> WeightsRef<'a> {
                 );
                 WeightsRef::Q4(&w[start / QK..end / QK])
             }
-            WeightsRef::Q8Tiles(w) => {
+            WeightsRef::Q8Tiles(w) | WeightsRef::Q4Tiles(w) => {
                 assert!(
                     start.is_multiple_of(QK) && end.is_multiple_of(QK),
                     "quantized slice {start}..{end} not block aligned"
                 );
-                WeightsRef::Q8Tiles(&w[start / QK * Q8_BLOCK_BYTES..end / QK * Q8_BLOCK_BYTES])
+                let (kind, wrap): (_, fn(&'a [u8]) -> WeightsRef<'a>) = match self {
+                    WeightsRef::Q8Tiles(_) => (TileKind::Q8, WeightsRef::Q8Tiles),
+                    _ => (TileKind::Q4, WeightsRef::Q4Tiles),
+                };
+                let b = kind.block_bytes();
+                wrap(&w[start / QK * b..end / QK * b])
             }
         }
     }
 
     pub(crate) fn is_quantized(&self) -> bool {
-        matches!(self, WeightsRef::Q8(_) | WeightsRef::Q4(_) | WeightsRef::Q8Tiles(_))
+        matches!(
+            self,
+            WeightsRef::Q8(_) | WeightsRef::Q4(_) | WeightsRef::Q8Tiles(_) | WeightsRef::Q4Tiles(_)
+        )
     }
 }
 
@@ -138,7 +149,7 @@ impl<'a> MatRef<'a> {
         if data.is_quantized() && (!cols.is_multiple_of(QK) || !stride.is_multiple_of(QK)) {
             return Err(KernelError::QuantizedShape { cols, stride });
         }
-        if matches!(data, WeightsRef::Q8Tiles(_)) && stride != cols {
+        if matches!(data, WeightsRef::Q8Tiles(_) | WeightsRef::Q4Tiles(_)) && stride != cols {
             return Err(KernelError::QuantizedShape { cols, stride });
         }
         Ok(Self { data, rows, cols, stride })
@@ -164,20 +175,21 @@ impl<'a> MatRef<'a> {
             WeightsRef::Bf16(_) | WeightsRef::F16(_) => n * 2,
             WeightsRef::Q8(_) => n / QK * std::mem::size_of::<BlockQ8>(),
             WeightsRef::Q4(_) => n / QK * std::mem::size_of::<BlockQ4>(),
-            WeightsRef::Q8Tiles(_) => n / QK * Q8_BLOCK_BYTES,
+            WeightsRef::Q8Tiles(_) => n / QK * TileKind::Q8.block_bytes(),
+            WeightsRef::Q4Tiles(_) => n / QK * TileKind::Q4.block_bytes(),
         }
     }
 
     /// Row `r`'s `cols` weights. Panics for tiled weights, whose rows are not contiguous
     /// (see [`MatRef::row_to_f32`]).
     pub fn row(&self, r: usize) -> WeightsRef<'a> {
-        assert!(!matches!(self.data, WeightsRef::Q8Tiles(_)), "a row of tiled weights is not contiguous");
+        assert!(!self.is_tiled(), "a row of tiled weights is not contiguous");
         self.data.slice(r * self.stride, r * self.stride + self.cols)
     }
 
     /// Whether the weights are stored in row tiles ([`crate::row_tiles`]).
     pub fn is_tiled(&self) -> bool {
-        matches!(self.data, WeightsRef::Q8Tiles(_))
+        matches!(self.data, WeightsRef::Q8Tiles(_) | WeightsRef::Q4Tiles(_))
     }
 
     /// Rows `start..end` as a matrix of their own. For tiled weights `start` must start a
@@ -200,10 +212,18 @@ impl<'a> MatRef<'a> {
 
     /// Row `r` converted to f32 (embedding lookup).
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        if let WeightsRef::Q8Tiles(t) = self.data {
-            let mut blocks = vec![BlockQ8 { d: f16::ZERO, qs: [0; QK] }; self.cols / QK];
-            crate::row_tiles::untile_q8_row(t, self.rows, self.cols, r, &mut blocks);
-            return crate::quant::dequantize_q8(&blocks, out);
+        match self.data {
+            WeightsRef::Q8Tiles(t) => {
+                let mut blocks = vec![BlockQ8 { d: f16::ZERO, qs: [0; QK] }; self.cols / QK];
+                crate::row_tiles::untile_q8_row(t, self.rows, self.cols, r, &mut blocks);
+                return crate::quant::dequantize_q8(&blocks, out);
+            }
+            WeightsRef::Q4Tiles(t) => {
+                let mut blocks = vec![BlockQ4 { d: f16::ZERO, qs: [0; QK / 2] }; self.cols / QK];
+                crate::row_tiles::untile_q4_row(t, self.rows, self.cols, r, &mut blocks);
+                return crate::quant::dequantize_q4(&blocks, out);
+            }
+            _ => {}
         }
         match self.row(r) {
             WeightsRef::F32(w) => out.copy_from_slice(w),
@@ -211,7 +231,7 @@ impl<'a> MatRef<'a> {
             WeightsRef::F16(w) => out.iter_mut().zip(w).for_each(|(o, v)| *o = v.to_f32()),
             WeightsRef::Q8(w) => crate::quant::dequantize_q8(w, out),
             WeightsRef::Q4(w) => crate::quant::dequantize_q4(w, out),
-            WeightsRef::Q8Tiles(_) => unreachable!("handled above"),
+            WeightsRef::Q8Tiles(_) | WeightsRef::Q4Tiles(_) => unreachable!("handled above"),
         }
     }
 }
@@ -390,7 +410,7 @@ fn q4_blocks_per_step(isa: Isa) -> Option<usize> {
 fn with_acts<R>(isa: Isa, x: &[f32], cols: usize, w: &MatRef<'_>, f: impl FnOnce(Acts<'_>) -> R) -> R {
     let prep = match (w.data, isa.bf16_chunk()) {
         (WeightsRef::Q8(_) | WeightsRef::Q8Tiles(_), _) => Prep::Quantize(None),
-        (WeightsRef::Q4(_), _) => Prep::Quantize(q4_blocks_per_step(isa)),
+        (WeightsRef::Q4(_) | WeightsRef::Q4Tiles(_), _) => Prep::Quantize(q4_blocks_per_step(isa)),
         (WeightsRef::Bf16(_), Some(chunk)) if cols >= chunk => Prep::OddEven(chunk),
         _ => return f(Acts { x, q: &[], neg_sums: &[], scales: &[], cols }),
     };
@@ -712,39 +732,60 @@ fn f16_table() -> &'static [f32] {
 
 thread_local! {
     /// Row-major copies of one tile and its outputs for [`untiled`] (grow, never shrink).
-    static UNTILE_SCRATCH: std::cell::RefCell<(Vec<BlockQ8>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static UNTILE_SCRATCH: std::cell::RefCell<UntileScratch> = std::cell::RefCell::new(UntileScratch::default());
 }
 
-/// `kernel` over q8 row tiles ([`crate::row_tiles`]) for the ISAs without a tiled kernel:
-/// each tile copied back to row-major blocks, then the row-major kernel (so the same
-/// products as the row-major weights).
+#[derive(Default)]
+struct UntileScratch {
+    q8: Vec<BlockQ8>,
+    q4: Vec<BlockQ4>,
+    y: Vec<f32>,
+}
+
+/// `kernel` over row tiles ([`crate::row_tiles`]) for the ISAs without a tiled kernel: each
+/// tile copied back to row-major blocks, then the row-major kernel (so the same products
+/// as the row-major weights).
 fn untiled(kernel: Kernel, x: Acts<'_>, n_tokens: usize, w: MatRef<'_>, y: &mut [f32], y_stride: usize) {
-    let WeightsRef::Q8Tiles(t) = w.data else { unreachable!("untiled takes tiled weights") };
+    let (t, kind) = match w.data {
+        WeightsRef::Q8Tiles(t) => (t, TileKind::Q8),
+        WeightsRef::Q4Tiles(t) => (t, TileKind::Q4),
+        _ => unreachable!("untiled takes tiled weights"),
+    };
     let (rows, cols) = (w.rows, w.cols);
     let nb = cols / QK;
-    let mut run = |(buf, y_tile): &mut (Vec<BlockQ8>, Vec<f32>)| {
-        buf.resize(TILE_ROWS * nb, BlockQ8 { d: f16::ZERO, qs: [0; QK] });
-        y_tile.resize(n_tokens * TILE_ROWS, 0.0);
+    let mut run = |s: &mut UntileScratch| {
+        s.y.resize(n_tokens * TILE_ROWS, 0.0);
         let mut r0 = 0;
         while r0 < rows {
             let rt = TILE_ROWS.min(rows - r0);
-            let tile = &t[r0 * nb * Q8_BLOCK_BYTES..(r0 + rt) * nb * Q8_BLOCK_BYTES];
-            for r in 0..rt {
-                crate::row_tiles::untile_q8_row(tile, rt, cols, r, &mut buf[r * nb..(r + 1) * nb]);
-            }
-            let m = MatRef { data: WeightsRef::Q8(&buf[..rt * nb]), rows: rt, cols, stride: cols };
-            kernel(x, n_tokens, m, y_tile, rt);
+            let tile = &t[r0 * nb * kind.block_bytes()..(r0 + rt) * nb * kind.block_bytes()];
+            let data = match kind {
+                TileKind::Q8 => {
+                    s.q8.resize(TILE_ROWS * nb, BlockQ8 { d: f16::ZERO, qs: [0; QK] });
+                    for r in 0..rt {
+                        crate::row_tiles::untile_q8_row(tile, rt, cols, r, &mut s.q8[r * nb..(r + 1) * nb]);
+                    }
+                    WeightsRef::Q8(&s.q8[..rt * nb])
+                }
+                TileKind::Q4 => {
+                    s.q4.resize(TILE_ROWS * nb, BlockQ4 { d: f16::ZERO, qs: [0; QK / 2] });
+                    for r in 0..rt {
+                        crate::row_tiles::untile_q4_row(tile, rt, cols, r, &mut s.q4[r * nb..(r + 1) * nb]);
+                    }
+                    WeightsRef::Q4(&s.q4[..rt * nb])
+                }
+            };
+            let m = MatRef { data, rows: rt, cols, stride: cols };
+            kernel(x, n_tokens, m, &mut s.y, rt);
             for tk in 0..n_tokens {
-                y[tk * y_stride + r0..tk * y_stride + r0 + rt]
-                    .copy_from_slice(&y_tile[tk * rt..(tk + 1) * rt]);
+                y[tk * y_stride + r0..tk * y_stride + r0 + rt].copy_from_slice(&s.y[tk * rt..(tk + 1) * rt]);
             }
             r0 += rt;
         }
     };
     UNTILE_SCRATCH.with(|s| match s.try_borrow_mut() {
-        Ok(mut buf) => run(&mut buf),
-        Err(_) => run(&mut (Vec::new(), Vec::new())),
+        Ok(mut s) => run(&mut s),
+        Err(_) => run(&mut UntileScratch::default()),
     });
 }
 
@@ -883,11 +924,8 @@ fn with_block_sums(need: usize, f: impl FnOnce(&mut [f32])) {
     let mut f = Some(f);
     AXPY_SCRATCH.with(|s| {
         if let Ok(mut buf) = s.try_borrow_mut() {
-            if buf.len() < need {
-                buf.resize(need, 0.0);
-            }
             if let Some(f) = f.take() {
-                f(&mut buf[..need]);
+                f(aligned_part(&mut buf, need));
             }
         }
     });
@@ -897,7 +935,18 @@ fn with_block_sums(need: usize, f: impl FnOnce(&mut [f32])) {
     }
 }
 
-/// A SIMD `axpy` kernel (see `avx2::axpy_rows`).
+/// `need` floats of `buf` starting on a 64-byte boundary (grown as needed): the kernels
+/// load and store whole cache lines of it, and a vector that straddles two lines costs two
+/// accesses.
+fn aligned_part(buf: &mut Vec<f32>, need: usize) -> &mut [f32] {
+    const LINE_FLOATS: usize = 16;
+    if buf.len() < need + LINE_FLOATS {
+        buf.resize(need + LINE_FLOATS, 0.0);
+    }
+    let off = buf.as_ptr().align_offset(64).min(LINE_FLOATS);
+    &mut buf[off..off + need]
+}
+
 /// A SIMD `axpy` kernel (see `avx2::axpy_rows`) over `(a, a_stride, n_tokens, w, y)`.
 #[derive(Clone, Copy)]
 struct AxpyKernel {

@@ -11,7 +11,7 @@ fn dot(x: &[f32], w: WeightsRef<'_>) -> f32 {
         WeightsRef::F32(d) => x.iter().zip(d).fold(0.0, |acc, (a, b)| acc + a * b),
         WeightsRef::Bf16(d) => x.iter().zip(d).fold(0.0, |acc, (a, b)| acc + a * b.to_f32()),
         WeightsRef::F16(d) => x.iter().zip(d).fold(0.0, |acc, (a, b)| acc + a * b.to_f32()),
-        WeightsRef::Q8(_) | WeightsRef::Q4(_) | WeightsRef::Q8Tiles(_) => {
+        WeightsRef::Q8(_) | WeightsRef::Q4(_) | WeightsRef::Q8Tiles(_) | WeightsRef::Q4Tiles(_) => {
             unreachable!("quantized rows take qdot")
         }
     }
