@@ -14,7 +14,7 @@ use hetmoe_cpu_kernels::matmul::{axpy_rows, matmul, MatRef, WeightsRef};
 use hetmoe_cpu_kernels::memory::HugeBuf;
 use hetmoe_cpu_kernels::moe::{expert_swiglu, ExpertRef};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
-use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
+use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, pair_groups, GroupKind, GroupedRef};
 use hetmoe_cpu_kernels::row_tiles::{self, TileKind};
 
 const H: usize = 1024;
@@ -68,7 +68,10 @@ fn main() {
         std::env::var("KB").unwrap_or("mv,ex".into()).split(',').map(String::from).collect();
     // The same quantized sets in groups of four rows (the engine's layout for `downᵀ`), for
     // `ag` (grouped axpy) and `eg` (expert with grouped `downᵀ`); allocated only for them.
-    let want_grouped = which.iter().any(|k| k == "ag" || k == "eg" || k == "ei" || k == "et");
+    let want_grouped = which.iter().any(|k| ["ag", "eg", "ei", "et"].contains(&k.as_str()));
+    // Paired groups (the engine's in-memory downᵀ) for `ap` (axpy) and `ep` (expert: tiled
+    // gate/up, paired downᵀ: the engine's layout with AVX-512 VNNI).
+    let want_paired = which.iter().any(|k| k == "ap" || k == "ep");
     let grouped = |kind: GroupKind, n: usize| -> Vec<HugeBuf<u8>> {
         if !want_grouped {
             return Vec::new();
@@ -80,14 +83,32 @@ fn main() {
         }
         (0..n).map(|_| HugeBuf::from_slice(&g)).collect()
     };
+    let paired = |kind: GroupKind, n: usize| -> Vec<HugeBuf<u8>> {
+        if !want_paired {
+            return Vec::new();
+        }
+        let mut g = vec![0u8; kind.matrix_bytes(3 * F, H)];
+        match kind {
+            GroupKind::Q8 => group_q8_rows(&q8, 3 * F, H, &mut g),
+            GroupKind::Q4 => group_q4_rows(&q4, 3 * F, H, &mut g),
+        }
+        let mut p = vec![0u8; g.len()];
+        pair_groups(kind, 3 * F, H, &g, &mut p);
+        (0..n).map(|_| HugeBuf::from_slice(&p)).collect()
+    };
     let (g8sets, g4sets) = (grouped(GroupKind::Q8, nq8), grouped(GroupKind::Q4, nq4));
+    let (p8sets, p4sets) = (paired(GroupKind::Q8, nq8), paired(GroupKind::Q4, nq4));
+    let pv8: Vec<GroupedRef<'_>> =
+        p8sets.iter().map(|g| GroupedRef::paired(GroupKind::Q8, g, 3 * F, H).unwrap()).collect();
+    let pv4: Vec<GroupedRef<'_>> =
+        p4sets.iter().map(|g| GroupedRef::paired(GroupKind::Q4, g, 3 * F, H).unwrap()).collect();
     let gv8: Vec<GroupedRef<'_>> =
         g8sets.iter().map(|g| GroupedRef::new(GroupKind::Q8, g, 3 * F, H).unwrap()).collect();
     let gv4: Vec<GroupedRef<'_>> =
         g4sets.iter().map(|g| GroupedRef::new(GroupKind::Q4, g, 3 * F, H).unwrap()).collect();
     // The quantized sets in row tiles (the engine's q8 / q4 matvec layout with AVX-512
     // VNNI), for `mt` (matvec) and `et` (expert: gate/up interleaved in tiles, downᵀ grouped).
-    let want_tiles = which.iter().any(|k| k == "mt" || k == "et");
+    let want_tiles = which.iter().any(|k| k == "mt" || k == "et" || k == "ep");
     let tiled = |kind: TileKind, n: usize| -> Vec<HugeBuf<u8>> {
         if !want_tiles {
             return Vec::new();
@@ -130,6 +151,11 @@ fn main() {
                 ("q8", &v8, Some(&gv8), Some(&vt8)),
                 ("q4", &v4, Some(&gv4), Some(&vt4)),
             ] {
+                let pset = match name {
+                    "q8" => Some(&pv8),
+                    "q4" => Some(&pv4),
+                    _ => None,
+                };
                 let bytes: usize = set.iter().map(|m| m.size_bytes()).sum();
                 for n in [1usize, 8] {
                     if which.contains(&"mv".to_string()) {
@@ -171,6 +197,28 @@ fn main() {
                         });
                         line += &format!(" ax {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
                         note(format!("ax {name} n{n}"), g);
+                    }
+                    if let (true, 1, Some(pset)) = (which.contains(&"ap".to_string()), n, pset) {
+                        let g = rate(bytes, || {
+                            for m in pset.iter() {
+                                axpy_rows(&y[..n * 3 * F], *m, &mut out[..n * H]);
+                            }
+                        });
+                        line += &format!(" ap {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
+                        note(format!("ap {name} n{n}"), g);
+                    }
+                    if let (true, 1, Some(tset), Some(pset)) =
+                        (which.contains(&"ep".to_string()), n, tset, pset)
+                    {
+                        let g = rate(bytes, || {
+                            for (m, pm) in tset.iter().zip(pset.iter()) {
+                                let e =
+                                    ExpertRef::interleaved(m.row_range(0, 2 * F), pm.row_range(2 * F, 3 * F));
+                                expert_swiglu(&x[..n * H], e.unwrap(), &mut act, &mut out[..n * H]);
+                            }
+                        });
+                        line += &format!(" ep {name} n{n} {g:5.1} ({:3.0}%)", 100.0 * g / bw);
+                        note(format!("ep {name} n{n}"), g);
                     }
                     if let (true, 1, Some(gset)) = (which.contains(&"ag".to_string()), n, gset) {
                         let g = rate(bytes, || {

@@ -5,7 +5,7 @@ use std::time::Instant;
 use half::bf16;
 use hetmoe_cpu_kernels::matmul::{axpy_rows_with, matmul_with, MatRef, WeightsRef};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
-use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
+use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, pair_groups, GroupKind, GroupedRef};
 use hetmoe_cpu_kernels::row_tiles::{self, TileKind};
 use hetmoe_cpu_kernels::Isa;
 
@@ -68,13 +68,19 @@ fn main() {
                     _ => None,
                 };
                 if let Some(g) = grouped {
-                    // The engine's layout for quantized downᵀ (integer dot products).
-                    let t = Instant::now();
-                    for _ in 0..reps {
-                        axpy_rows_with(isa, &y[..rows], g, &mut o[..cols]);
+                    // Quantized downᵀ (integer dot products): plain groups (the expert store's
+                    // layout), then in pairs (the engine's).
+                    let mut paired = vec![0u8; g.data().len()];
+                    pair_groups(g.kind(), rows, cols, g.data(), &mut paired);
+                    let p = GroupedRef::paired(g.kind(), &paired, rows, cols).unwrap();
+                    for (label, m) in [("grouped", g), ("paired", p)] {
+                        let t = Instant::now();
+                        for _ in 0..reps {
+                            axpy_rows_with(isa, &y[..rows], m, &mut o[..cols]);
+                        }
+                        let s = t.elapsed().as_secs_f64();
+                        line += &format!(" {label} axpy n1: {:6.1}", (reps * rows * cols) as f64 / s / 1e9);
                     }
-                    let s = t.elapsed().as_secs_f64();
-                    line += &format!(" grouped axpy n1: {:6.1}", (reps * rows * cols) as f64 / s / 1e9);
                 }
                 println!("{line}");
             }

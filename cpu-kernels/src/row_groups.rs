@@ -16,6 +16,13 @@
 //! `8 · nb + b · unit_bytes`: q8 byte `4c + k` holds `q[k, 32b + c]` (i8), `c < 32`; q4 byte
 //! `4c + k` (`c < 16`) holds the stored nibble (`q + 8`) of `q[k, 32b + c]` low and of
 //! `q[k, 32b + 16 + c]` high. A group is the size of four rows of blocks.
+//!
+//! **Paired** ([`GroupedRef::paired`], [`pair_groups`]; the engine's in-memory layout): the
+//! same groups, two at a time (groups `2p`, `2p + 1`, the last one alone when their count is
+//! odd) as both groups' scales, then their units alternating, block by block. One token then
+//! walks two groups at once (each `y` load and store serves both) in one read stream, with
+//! the same sums in the same order as one group at a time, so the same bits as the plain
+//! layout (the expert store's).
 
 use half::f16;
 
@@ -68,6 +75,8 @@ pub struct GroupedRef<'a> {
     data: &'a [u8],
     rows: usize,
     cols: usize,
+    /// Groups stored in pairs (see the module docs).
+    paired: bool,
 }
 
 impl<'a> GroupedRef<'a> {
@@ -80,7 +89,16 @@ impl<'a> GroupedRef<'a> {
         if data.len() != expected {
             return Err(KernelError::GroupedLength { rows, cols, expected, actual: data.len() });
         }
-        Ok(Self { kind, data, rows, cols })
+        Ok(Self { kind, data, rows, cols, paired: false })
+    }
+
+    /// As [`GroupedRef::new`], for groups stored in pairs ([`pair_groups`]).
+    pub fn paired(kind: GroupKind, data: &'a [u8], rows: usize, cols: usize) -> Result<Self, KernelError> {
+        Ok(Self { paired: true, ..Self::new(kind, data, rows, cols)? })
+    }
+
+    pub fn is_paired(&self) -> bool {
+        self.paired
     }
 
     pub fn kind(&self) -> GroupKind {
@@ -101,32 +119,63 @@ impl<'a> GroupedRef<'a> {
     }
 
     /// Rows `start..end` (`start` a multiple of [`GROUP_ROWS`], `end` too unless it is
-    /// `rows`).
+    /// `rows`; for paired groups multiples of two groups).
     pub fn row_range(&self, start: usize, end: usize) -> GroupedRef<'a> {
         assert!(start <= end && end <= self.rows, "row range {start}..{end} of {}", self.rows);
+        let step = if self.paired { 2 * GROUP_ROWS } else { GROUP_ROWS };
         assert!(
-            start.is_multiple_of(GROUP_ROWS) && (end.is_multiple_of(GROUP_ROWS) || end == self.rows),
-            "row range {start}..{end} splits a group"
+            start.is_multiple_of(step) && (end.is_multiple_of(step) || end == self.rows),
+            "row range {start}..{end} splits a group (or a pair of groups)"
         );
         let gb = self.kind.group_bytes(self.cols);
         let (g0, g1) = (start / GROUP_ROWS, end.div_ceil(GROUP_ROWS));
-        GroupedRef { kind: self.kind, data: &self.data[g0 * gb..g1 * gb], rows: end - start, cols: self.cols }
+        GroupedRef { data: &self.data[g0 * gb..g1 * gb], rows: end - start, ..*self }
     }
 
-    /// Group `g`'s bytes.
-    pub(crate) fn group(&self, g: usize) -> &'a [u8] {
+    /// Byte offset of group `g`'s scales (`d[k, b]` as LE f16 at `2 · (k · nb + b)` from it).
+    pub(crate) fn scales_at(&self, g: usize) -> usize {
         let gb = self.kind.group_bytes(self.cols);
-        &self.data[g * gb..(g + 1) * gb]
+        if self.in_pair(g) {
+            g / 2 * 2 * gb + g % 2 * 2 * GROUP_ROWS * (self.cols / QK)
+        } else {
+            g * gb
+        }
+    }
+
+    /// Byte offset of group `g`'s unit of block 0; block `b`'s is `b ·`
+    /// [`GroupedRef::unit_stride`] further.
+    pub(crate) fn unit_at(&self, g: usize) -> usize {
+        let nb = self.cols / QK;
+        if self.in_pair(g) {
+            g / 2 * 2 * self.kind.group_bytes(self.cols)
+                + 4 * GROUP_ROWS * nb
+                + g % 2 * self.kind.unit_bytes()
+        } else {
+            self.scales_at(g) + 2 * GROUP_ROWS * nb
+        }
+    }
+
+    /// Bytes from a group's unit of block `b` to its unit of block `b + 1` (for a group
+    /// in a pair, twice a unit).
+    pub(crate) fn unit_stride(&self, g: usize) -> usize {
+        self.kind.unit_bytes() * if self.in_pair(g) { 2 } else { 1 }
+    }
+
+    /// Whether group `g` is stored in a pair (paired layout, and not a last odd group).
+    pub(crate) fn in_pair(&self, g: usize) -> bool {
+        self.paired && (g | 1) < self.rows.div_ceil(GROUP_ROWS)
     }
 
     /// Row `r`'s block scale `d[r, b]`.
     fn scale(&self, r: usize, b: usize) -> f32 {
-        scale_of(self.group(r / GROUP_ROWS), self.cols / QK, r % GROUP_ROWS, b)
+        scale_of(&self.data[self.scales_at(r / GROUP_ROWS)..], self.cols / QK, r % GROUP_ROWS, b)
     }
 
     /// Row `r`'s quantized value at column `c` (q4: `nibble − 8`).
     fn quant(&self, r: usize, c: usize) -> i32 {
-        quant_of(self.kind, self.group(r / GROUP_ROWS), self.cols / QK, r % GROUP_ROWS, c)
+        let g = r / GROUP_ROWS;
+        let unit = &self.data[self.unit_at(g) + c / QK * self.unit_stride(g)..];
+        quant_of(self.kind, unit, r % GROUP_ROWS, c % QK)
     }
 
     /// Row `r` dequantized (`d · q`, as the row-major blocks give it).
@@ -138,18 +187,16 @@ impl<'a> GroupedRef<'a> {
     }
 }
 
-/// `d[k, b]` of a group.
+/// `d[k, b]` from a group's scales.
 #[inline(always)]
-fn scale_of(group: &[u8], nb: usize, k: usize, b: usize) -> f32 {
+fn scale_of(scales: &[u8], nb: usize, k: usize, b: usize) -> f32 {
     let i = 2 * (k * nb + b);
-    f16::from_bits(u16::from_le_bytes([group[i], group[i + 1]])).to_f32()
+    f16::from_bits(u16::from_le_bytes([scales[i], scales[i + 1]])).to_f32()
 }
 
-/// `q[k, c]` of a group (q4: the nibble minus 8).
+/// `q[k, c]` (column `c` of the unit's block; q4: the nibble minus 8) from a unit.
 #[inline(always)]
-fn quant_of(kind: GroupKind, group: &[u8], nb: usize, k: usize, c: usize) -> i32 {
-    let (b, c) = (c / QK, c % QK);
-    let unit = &group[2 * GROUP_ROWS * nb + b * kind.unit_bytes()..];
+fn quant_of(kind: GroupKind, unit: &[u8], k: usize, c: usize) -> i32 {
     match kind {
         GroupKind::Q8 => unit[4 * c + k] as i8 as i32,
         GroupKind::Q4 if c < QK / 2 => (unit[4 * c + k] & 0x0f) as i32 - 8,
@@ -173,6 +220,27 @@ pub fn group_q4_rows(blocks: &[BlockQ4], rows: usize, cols: usize, out: &mut [u8
         // Stored nibbles in column order.
         (bl.d, std::array::from_fn(|c| if c < QK / 2 { bl.qs[c] & 0x0f } else { bl.qs[c - QK / 2] >> 4 }))
     })
+}
+
+/// The plain grouped matrix `grouped` (`rows × cols`, kind `kind`) with its groups in pairs
+/// ([`GroupedRef::paired`]), into `out` (the same size). The same bytes, moved.
+pub fn pair_groups(kind: GroupKind, rows: usize, cols: usize, grouped: &[u8], out: &mut [u8]) {
+    let bytes = kind.matrix_bytes(rows, cols);
+    assert!(
+        cols.is_multiple_of(QK) && grouped.len() == bytes && out.len() == bytes,
+        "pair_groups: bad lengths"
+    );
+    let plain = GroupedRef { kind, data: grouped, rows, cols, paired: false };
+    let paired = GroupedRef { kind, data: &[], rows, cols, paired: true };
+    let (nb, ub, sb) = (cols / QK, kind.unit_bytes(), 2 * GROUP_ROWS * cols / QK);
+    for g in 0..rows.div_ceil(GROUP_ROWS) {
+        let (from, to) = (plain.scales_at(g), paired.scales_at(g));
+        out[to..to + sb].copy_from_slice(&grouped[from..from + sb]);
+        for b in 0..nb {
+            let (from, to) = (plain.unit_at(g) + b * ub, paired.unit_at(g) + b * paired.unit_stride(g));
+            out[to..to + ub].copy_from_slice(&grouped[from..from + ub]);
+        }
+    }
 }
 
 /// `block(r, b)` gives row r's block b as (scale, 32 bytes: q8 values or q4 nibbles).
@@ -234,7 +302,8 @@ pub(crate) fn axpy_scalar(a: &[f32], a_stride: usize, n_tokens: usize, w: Groupe
     for t in 0..n_tokens {
         let yt = &mut y[t * cols..(t + 1) * cols];
         for g in 0..rows.div_ceil(GROUP_ROWS) {
-            let grp = w.group(g);
+            let (scales, units, stride) =
+                (&w.data[w.scales_at(g)..], &w.data[w.unit_at(g)..], w.unit_stride(g));
             let act: [f32; GROUP_ROWS] = std::array::from_fn(|k| {
                 let r = g * GROUP_ROWS + k;
                 if r < rows {
@@ -244,12 +313,11 @@ pub(crate) fn axpy_scalar(a: &[f32], a_stride: usize, n_tokens: usize, w: Groupe
                 }
             });
             for b in 0..nb {
-                let d = std::array::from_fn(|k| scale_of(grp, nb, k, b));
+                let d = std::array::from_fn(|k| scale_of(scales, nb, k, b));
                 let (qa, s) = prep_block(act, d);
+                let unit = &units[b * stride..];
                 for c in 0..QK {
-                    let sum: i32 = (0..GROUP_ROWS)
-                        .map(|k| qa[k] as i32 * quant_of(w.kind, grp, nb, k, b * QK + c))
-                        .sum();
+                    let sum: i32 = (0..GROUP_ROWS).map(|k| qa[k] as i32 * quant_of(w.kind, unit, k, c)).sum();
                     let yc = &mut yt[b * QK + c];
                     *yc = s.mul_add(sum as f32, *yc);
                 }

@@ -7,7 +7,7 @@ use half::f16;
 use hetmoe_cpu_kernels::matmul::{axpy_rows_with, MatRef, WeightsRef};
 use hetmoe_cpu_kernels::moe::{expert_swiglu_unfused_with, expert_swiglu_with, ExpertRef};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
-use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
+use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, pair_groups, GroupKind, GroupedRef};
 use hetmoe_cpu_kernels::Isa;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -181,6 +181,84 @@ fn fused_expert_over_grouped_down_is_deterministic() {
                 // 8-bit rounding by a step; the outputs stay within that.
                 let err = rel_err(&fused, &oracle);
                 assert!(err < 2e-3, "{isa:?} {kind:?} {ffn}x{hidden}: {err}");
+            }
+        }
+    }
+}
+
+/// Paired groups (the engine's in-memory `downᵀ`) hold the same weights as plain groups and
+/// give the same bits on every ISA, for one token and several, odd group counts included,
+/// whole and cut at pairs, at any thread count; the expert over them too.
+#[test]
+fn paired_groups_match_plain_groups_bit_for_bit() {
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    for (rows, cols) in [(1, 32), (4, 64), (7, 96), (8, 32), (12, 64), (37, 64), (133, 256), (264, 1024)] {
+        let m = Quant::new(&rand_vec(&mut rng, rows * cols), rows, cols);
+        for kind in KINDS {
+            let plain = m.grouped(kind);
+            let mut bytes = vec![0u8; plain.data().len()];
+            pair_groups(kind, rows, cols, plain.data(), &mut bytes);
+            let paired = GroupedRef::paired(kind, &bytes, rows, cols).unwrap();
+            assert!(paired.is_paired() && !plain.is_paired());
+            let (mut want, mut got) = (vec![0f32; cols], vec![0f32; cols]);
+            for r in 0..rows {
+                plain.row_to_f32(r, &mut want);
+                paired.row_to_f32(r, &mut got);
+                assert_eq!(want, got, "{kind:?} {rows}x{cols} row {r}");
+            }
+            let cuts: Vec<(usize, usize)> = [(0, rows), (0, rows.min(8)), (8.min(rows), rows)]
+                .into_iter()
+                .filter(|(s, e)| s < e)
+                .collect();
+            for n in [1, 3] {
+                let a = rand_vec(&mut rng, n * rows);
+                for isa in Isa::all_supported() {
+                    for &(s, e) in &cuts {
+                        let a_part: Vec<f32> =
+                            (0..n).flat_map(|t| a[t * rows + s..t * rows + e].to_vec()).collect();
+                        let (mut yw, mut yg) = (vec![0f32; n * cols], vec![0f32; n * cols]);
+                        axpy_rows_with(isa, &a_part, plain.row_range(s, e), &mut yw);
+                        for threads in [1, 2] {
+                            pool(threads).install(|| {
+                                yg.fill(0.0);
+                                axpy_rows_with(isa, &a_part, paired.row_range(s, e), &mut yg)
+                            });
+                            assert_eq!(
+                                yw, yg,
+                                "{isa:?} {kind:?} {rows}x{cols} rows {s}..{e} n {n} threads {threads}"
+                            );
+                        }
+                    }
+                }
+            }
+            if rows > 8 {
+                let cut = std::panic::catch_unwind(|| paired.row_range(4, rows));
+                assert!(cut.is_err(), "a row range inside a pair must be refused");
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_expert_over_paired_down_matches_plain() {
+    let mut rng = ChaCha8Rng::seed_from_u64(15);
+    let (ffn, hidden) = (200, 96);
+    let parts: Vec<Quant> =
+        (0..3).map(|_| Quant::new(&rand_vec(&mut rng, ffn * hidden), ffn, hidden)).collect();
+    for kind in KINDS {
+        let plain = parts[2].grouped(kind);
+        let mut bytes = vec![0u8; plain.data().len()];
+        pair_groups(kind, ffn, hidden, plain.data(), &mut bytes);
+        let paired = GroupedRef::paired(kind, &bytes, ffn, hidden).unwrap();
+        let (g, u) = (parts[0].rows_of(kind), parts[1].rows_of(kind));
+        for n in [1, 4] {
+            let x = rand_vec(&mut rng, n * hidden);
+            for isa in Isa::all_supported() {
+                let mut act = vec![0f32; 2 * n * ffn];
+                let (mut ya, mut yb) = (vec![0f32; n * hidden], vec![0f32; n * hidden]);
+                expert_swiglu_with(isa, &x, ExpertRef::new(g, u, plain).unwrap(), &mut act, &mut ya);
+                expert_swiglu_with(isa, &x, ExpertRef::new(g, u, paired).unwrap(), &mut act, &mut yb);
+                assert_eq!(ya, yb, "{isa:?} {kind:?} n {n}");
             }
         }
     }

@@ -12,7 +12,7 @@ use hetmoe_cpu_kernels::matmul::AxpyRef;
 use hetmoe_cpu_kernels::memory::{HugeBuf, ZeroValid};
 use hetmoe_cpu_kernels::moe::ExpertRef;
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
-use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
+use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, pair_groups, GroupKind, GroupedRef};
 use hetmoe_cpu_kernels::row_tiles::{self, TileKind};
 use hetmoe_cpu_kernels::{MatRef, WeightsRef};
 use hetmoe_storage::{Checkpoint, DType, FfnKind, ModelSpec, Tensor, WeightKey};
@@ -45,7 +45,7 @@ enum Store {
 }
 
 /// A matrix read only as the terms of an `axpy` (an MLP's `downᵀ`): rows, or for quantized
-/// weights rows in groups of four ([`hetmoe_cpu_kernels::row_groups`]).
+/// weights rows in groups of four, the groups in pairs ([`hetmoe_cpu_kernels::row_groups`]).
 #[derive(Debug, Clone)]
 pub(crate) enum AxpyLinear {
     Rows(Linear),
@@ -58,7 +58,7 @@ impl AxpyLinear {
         match self {
             AxpyLinear::Rows(m) => m.mat().into(),
             AxpyLinear::Groups { kind, data, rows, cols } => {
-                GroupedRef::new(*kind, data, *rows, *cols).expect("shape checked at load").into()
+                GroupedRef::paired(*kind, data, *rows, *cols).expect("shape checked at load").into()
             }
         }
     }
@@ -139,7 +139,9 @@ impl Linear {
         MatRef::new(data, self.rows, self.cols).expect("shape checked at load")
     }
 
-    /// [`Linear::quantized`], then (q8, q4) in groups of four rows for the `axpy`.
+    /// [`Linear::quantized`], then (q8, q4) in groups of four rows for the `axpy`, the groups
+    /// in pairs (one token's `axpy` walks two at once in one stream; the same bits as the
+    /// store's plain groups).
     fn quantized_for_axpy(self, format: WeightFormat) -> AxpyLinear {
         let q = self.quantized(format);
         let (rows, cols) = (q.rows, q.cols);
@@ -157,7 +159,9 @@ impl Linear {
             }
             _ => return AxpyLinear::Rows(q),
         };
-        AxpyLinear::Groups { kind, data, rows, cols }
+        let mut paired = zeroed(kind);
+        pair_groups(kind, rows, cols, &data, &mut paired);
+        AxpyLinear::Groups { kind, data: paired, rows, cols }
     }
 
     /// `a`'s and `b`'s rows alternated, `[2 · rows, cols]` (row `2r`: `a`'s row `r`, `2r + 1`:

@@ -6,11 +6,12 @@ use crate::quant::QK;
 use crate::row_groups::{GroupedRef, GROUP_ROWS};
 
 /// Groups per pass. Two share each `y` load and store (faster with the weights in cache:
-/// `kcache` q8 36 vs 28 G weights/s, prefill q4 +12–15%, q8 +7–15%) but read two streams;
-/// one read faster from DRAM, where one token's experts come from (`kbench` `ag`, q8
-/// 27.0/27.8 → 29.6/28.5 GB/s). Either way every output sees the groups in the same order.
-fn pass_groups(n_tokens: usize) -> usize {
-    if n_tokens == 1 {
+/// `kcache` q8 36 vs 28 G weights/s, prefill q4 +12–15%, q8 +7–15%); from plain groups they
+/// read two streams, and one read faster from DRAM, where one token's experts come from
+/// (`kbench` `ag`, q8 27.0/27.8 → 29.6/28.5 GB/s); paired groups are one stream, so two.
+/// Either way every output sees the groups in the same order.
+fn pass_groups(n_tokens: usize, paired: bool) -> usize {
+    if n_tokens == 1 && !paired {
         1
     } else {
         2
@@ -41,8 +42,10 @@ impl Prepared {
 pub(super) struct Pass {
     /// 1 or 2.
     pub groups: usize,
-    /// The groups' first bytes (the second equals the first when `groups == 1`).
-    pub grps: [*const u8; 2],
+    /// The groups' units of block 0 (the second equals the first when `groups == 1`); block
+    /// `b`'s are `b · unit_stride` further.
+    pub units: [*const u8; 2],
+    pub unit_stride: usize,
     /// The activations of the groups' rows for this token (zero for missing rows).
     pub act: [[f32; GROUP_ROWS]; 2],
     /// The groups' scales, row by row: row k's block b at `scales[gi] + 2 · (k · nb + b)`.
@@ -52,7 +55,8 @@ pub(super) struct Pass {
     pub n: usize,
     /// This token's row of `y` (`cols` values).
     pub y: *mut f32,
-    /// Bytes from a group to the first group of the next pair (a prefetch distance).
+    /// Bytes from a unit to the one read [`PREFETCH_GROUPS`] groups later (a prefetch
+    /// distance).
     pub prefetch: usize,
 }
 
@@ -99,7 +103,7 @@ impl<'a> Passes<'a> {
             g: if empty { usize::MAX } else { 0 },
             t: 0,
             b0: 0,
-            pass_groups: pass_groups(n_tokens),
+            pass_groups: pass_groups(n_tokens, w.is_paired()),
         }
     }
 
@@ -121,8 +125,8 @@ impl<'a> Passes<'a> {
                 }
             }
         }
-        let data = self.w.data().as_ptr();
-        let gb = self.w.kind().group_bytes(cols);
+        let (w, data) = (&self.w, self.w.data().as_ptr());
+        let gb = w.kind().group_bytes(cols);
         // Advance: chunk, then token, then pair.
         self.b0 += CHUNK;
         if self.b0 >= nb {
@@ -134,12 +138,13 @@ impl<'a> Passes<'a> {
             }
         }
         // In bounds: groups g and g + groups - 1 exist.
-        let grps = [data.wrapping_add(g * gb), data.wrapping_add((g + groups - 1) * gb)];
+        let last = g + groups - 1;
         Some(Pass {
             groups,
-            grps,
+            units: [data.wrapping_add(w.unit_at(g)), data.wrapping_add(w.unit_at(last))],
+            unit_stride: w.unit_stride(g),
             act,
-            scales: grps,
+            scales: [data.wrapping_add(w.scales_at(g)), data.wrapping_add(w.scales_at(last))],
             b0,
             n,
             y: self.y.wrapping_add(t * cols),
@@ -178,8 +183,8 @@ macro_rules! grouped_axpy {
             y: &mut [f32],
         ) {
             let nb = w.cols() / QK;
-            // Bytes of a group's scales: its units follow.
-            let units = 2 * GROUP_ROWS * nb;
+            // Bytes of a group's scales.
+            let scale_bytes = 2 * GROUP_ROWS * nb;
             let offset = w.kind().offset();
             let mut prepared = [Prepared::ZERO; 2];
             let mut passes = Passes::new(a, a_stride, n_tokens, w, y);
@@ -191,7 +196,7 @@ macro_rules! grouped_axpy {
                         prep(pass.scales[gi], nb, pass.b0, pass.n, pass.act[gi], offset, &mut prepared[gi]);
                         // The scales of the group the unit prefetches aim at.
                         let mut off = 0;
-                        while off < units {
+                        while off < scale_bytes {
                             prefetch(pass.scales[gi].wrapping_add(pass.prefetch + off));
                             off += 64;
                         }
@@ -199,10 +204,12 @@ macro_rules! grouped_axpy {
                     for i in 0..pass.n {
                         let b = pass.b0 + i;
                         let yb = pass.y.add(b * QK);
+                        let off = b * pass.unit_stride;
+                        let u = [pass.units[0].add(off), pass.units[1].add(off)];
                         if pass.groups == 2 {
-                            unit::<Q, 2>(pass.grps, units, b, &prepared, i, yb, pass.prefetch);
+                            unit::<Q, 2>(u, &prepared, i, yb, pass.prefetch);
                         } else {
-                            unit::<Q, 1>([pass.grps[0]], units, b, &prepared, i, yb, pass.prefetch);
+                            unit::<Q, 1>([u[0]], &prepared, i, yb, pass.prefetch);
                         }
                     }
                 }

@@ -86,23 +86,20 @@ unsafe fn prep(
     }
 }
 
-/// One token's `y[b·32 .. b·32 + 32] += Σ` over the `G` groups at `grps` of block `b`
-/// (`i`: its index in the prepared chunk), groups in order.
+/// One token's `y[b·32 .. b·32 + 32] += Σ` over the units `units` of `G` groups for one
+/// block (`i`: its index in the prepared chunk), groups in order.
 ///
 /// # Safety
-/// Each `grps[gi]` points to a group of `nb > b` blocks of kind `Q`; `y` to 32 writable f32.
+/// Each `units[gi]` points to a readable unit of kind `Q`; `y` to 32 writable f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn unit<const Q: u8, const G: usize>(
-    grps: [*const u8; G],
-    units: usize,
-    b: usize,
+    units: [*const u8; G],
     p: &[Prepared; 2],
     i: usize,
     y: *mut f32,
     pf: usize,
 ) {
-    let ub = if Q == 0 { GroupKind::Q8.unit_bytes() } else { GroupKind::Q4.unit_bytes() };
     let ones = _mm256_set1_epi16(1);
     // SAFETY: the unit's bytes lie inside the group (caller); prefetches never fault.
     unsafe {
@@ -111,7 +108,7 @@ unsafe fn unit<const Q: u8, const G: usize>(
             *yv = _mm256_loadu_ps(y.add(8 * v));
         }
         for gi in 0..G {
-            let u = grps[gi].add(units + b * ub);
+            let u = units[gi];
             prefetch(u.wrapping_add(pf));
             let qa = _mm256_set1_epi32(p[gi].qa[i]);
             let s = _mm256_set1_ps(p[gi].s[i]);

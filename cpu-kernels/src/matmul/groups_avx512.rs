@@ -76,28 +76,25 @@ unsafe fn prep(
     }
 }
 
-/// One token's `y[b·32 .. b·32 + 32] += Σ` over the `G` groups at `grps` of block `b`
-/// (`i`: its index in the prepared chunk), groups in order.
+/// One token's `y[b·32 .. b·32 + 32] += Σ` over the units `units` of `G` groups for one
+/// block (`i`: its index in the prepared chunk), groups in order.
 ///
 /// # Safety
-/// Each `grps[gi]` points to a group of `nb > b` blocks of kind `Q`; `y` to 32 writable f32.
+/// Each `units[gi]` points to a readable unit of kind `Q`; `y` to 32 writable f32.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512vnni")]
 unsafe fn unit<const Q: u8, const G: usize>(
-    grps: [*const u8; G],
-    units: usize,
-    b: usize,
+    units: [*const u8; G],
     p: &[Prepared; 2],
     i: usize,
     y: *mut f32,
     pf: usize,
 ) {
-    let ub = if Q == 0 { GroupKind::Q8.unit_bytes() } else { GroupKind::Q4.unit_bytes() };
     // SAFETY: the unit's bytes lie inside the group (caller); prefetches never fault.
     unsafe {
         let (mut y0, mut y1) = (_mm512_loadu_ps(y), _mm512_loadu_ps(y.add(16)));
         for gi in 0..G {
-            let u = grps[gi].add(units + b * ub);
+            let u = units[gi];
             prefetch(u.wrapping_add(pf));
             let (w0, w1) = if Q == 0 {
                 prefetch(u.wrapping_add(pf + 64));
