@@ -17,12 +17,12 @@
 //! `4c + k` (`c < 16`) holds the stored nibble (`q + 8`) of `q[k, 32b + c]` low and of
 //! `q[k, 32b + 16 + c]` high. A group is the size of four rows of blocks.
 //!
-//! **Paired** ([`GroupedRef::paired`], [`pair_groups`]; the engine's in-memory layout): the
-//! same groups, two at a time (groups `2p`, `2p + 1`, the last one alone when their count is
-//! odd) as both groups' scales, then their units alternating, block by block. One token then
-//! walks two groups at once (each `y` load and store serves both) in one read stream, with
-//! the same sums in the same order as one group at a time, so the same bits as the plain
-//! layout (the expert store's).
+//! **Paired** ([`GroupedRef::paired`], [`pair_groups`]; the engine's in-memory layout where
+//! [`pairing_pays_off`]): the same groups, two at a time (groups `2p`, `2p + 1`, the last
+//! one alone when their count is odd) as both groups' scales, then their units alternating,
+//! block by block. One token then walks two groups at once (each `y` load and store serves
+//! both) in one read stream, with the same sums in the same order as one group at a time,
+//! so the same bits as the plain layout (the expert store's).
 
 use half::f16;
 
@@ -220,6 +220,16 @@ pub fn group_q4_rows(blocks: &[BlockQ4], rows: usize, cols: usize, out: &mut [u8
         // Stored nibbles in column order.
         (bl.d, std::array::from_fn(|c| if c < QK / 2 { bl.qs[c] & 0x0f } else { bl.qs[c - QK / 2] >> 4 }))
     })
+}
+
+/// Whether an engine should store its grouped matrices in pairs on this machine: where the
+/// active ISA has no row-tile kernel ([`crate::row_tiles::pays_off`]: AVX2, AVX-512 without
+/// VNNI). Pairs cut the `axpy`'s work per weight (`kcache`, one thread, L2: AVX2 +11–15%,
+/// AVX-512 +15–21%) and lift forced-AVX2 prefill on the 2-core VM (q8 +7–14%, q4 +2–9%,
+/// decode level); with AVX-512 VNNI the plain walk keeps up with DRAM at 2 threads and the
+/// paired one measured 1–4% slower for q8 decode, so groups stay plain there.
+pub fn pairing_pays_off() -> bool {
+    !crate::row_tiles::pays_off()
 }
 
 /// The plain grouped matrix `grouped` (`rows × cols`, kind `kind`) with its groups in pairs

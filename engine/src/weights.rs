@@ -12,7 +12,9 @@ use hetmoe_cpu_kernels::matmul::AxpyRef;
 use hetmoe_cpu_kernels::memory::{HugeBuf, ZeroValid};
 use hetmoe_cpu_kernels::moe::ExpertRef;
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
-use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, pair_groups, GroupKind, GroupedRef};
+use hetmoe_cpu_kernels::row_groups::{
+    group_q4_rows, group_q8_rows, pair_groups, pairing_pays_off, GroupKind, GroupedRef,
+};
 use hetmoe_cpu_kernels::row_tiles::{self, TileKind};
 use hetmoe_cpu_kernels::{MatRef, WeightsRef};
 use hetmoe_storage::{Checkpoint, DType, FfnKind, ModelSpec, Tensor, WeightKey};
@@ -45,11 +47,11 @@ enum Store {
 }
 
 /// A matrix read only as the terms of an `axpy` (an MLP's `downᵀ`): rows, or for quantized
-/// weights rows in groups of four, the groups in pairs ([`hetmoe_cpu_kernels::row_groups`]).
+/// weights rows in groups of four, plain or in pairs ([`hetmoe_cpu_kernels::row_groups`]).
 #[derive(Debug, Clone)]
 pub(crate) enum AxpyLinear {
     Rows(Linear),
-    Groups { kind: GroupKind, data: HugeBuf<u8>, rows: usize, cols: usize },
+    Groups { kind: GroupKind, data: HugeBuf<u8>, rows: usize, cols: usize, paired: bool },
 }
 
 impl AxpyLinear {
@@ -57,8 +59,9 @@ impl AxpyLinear {
     pub(crate) fn view(&self) -> AxpyRef<'_> {
         match self {
             AxpyLinear::Rows(m) => m.mat().into(),
-            AxpyLinear::Groups { kind, data, rows, cols } => {
-                GroupedRef::paired(*kind, data, *rows, *cols).expect("shape checked at load").into()
+            AxpyLinear::Groups { kind, data, rows, cols, paired } => {
+                let view = if *paired { GroupedRef::paired } else { GroupedRef::new };
+                view(*kind, data, *rows, *cols).expect("shape checked at load").into()
             }
         }
     }
@@ -140,8 +143,8 @@ impl Linear {
     }
 
     /// [`Linear::quantized`], then (q8, q4) in groups of four rows for the `axpy`, the groups
-    /// in pairs (one token's `axpy` walks two at once in one stream; the same bits as the
-    /// store's plain groups).
+    /// in pairs where that pays off ([`pairing_pays_off`]; the same bits as the store's plain
+    /// groups either way).
     fn quantized_for_axpy(self, format: WeightFormat) -> AxpyLinear {
         let q = self.quantized(format);
         let (rows, cols) = (q.rows, q.cols);
@@ -159,9 +162,12 @@ impl Linear {
             }
             _ => return AxpyLinear::Rows(q),
         };
+        if !pairing_pays_off() {
+            return AxpyLinear::Groups { kind, data, rows, cols, paired: false };
+        }
         let mut paired = zeroed(kind);
         pair_groups(kind, rows, cols, &data, &mut paired);
-        AxpyLinear::Groups { kind, data: paired, rows, cols }
+        AxpyLinear::Groups { kind, data: paired, rows, cols, paired: true }
     }
 
     /// `a`'s and `b`'s rows alternated, `[2 · rows, cols]` (row `2r`: `a`'s row `r`, `2r + 1`:
