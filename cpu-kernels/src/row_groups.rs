@@ -224,8 +224,8 @@ pub fn group_q4_rows(blocks: &[BlockQ4], rows: usize, cols: usize, out: &mut [u8
 
 /// Whether an engine should store its grouped matrices in pairs on this machine: where the
 /// active ISA has no row-tile kernel ([`crate::row_tiles::pays_off`]: AVX2, AVX-512 without
-/// VNNI). Pairs cut the `axpy`'s work per weight (`kcache`, one thread, L2: AVX2 +11–15%,
-/// AVX-512 +15–21%) and lift forced-AVX2 prefill on the 2-core VM (q8 +7–14%, q4 +2–9%,
+/// VNNI). Pairs cut the `axpy`'s work per weight (`kcache`, one thread, L2: AVX2 +11–27%,
+/// AVX-512 +14–22%) and lift forced-AVX2 prefill on the 2-core VM (q8 +7–14%, q4 +2–9%,
 /// decode level); with AVX-512 VNNI the plain walk keeps up with DRAM at 2 threads and the
 /// paired one measured 1–4% slower for q8 decode, so groups stay plain there.
 pub fn pairing_pays_off() -> bool {
