@@ -122,8 +122,8 @@ fn shape_err(ffn: usize, hidden: usize, actual: usize) -> KernelError {
 /// `out = down(silu(gate(x)) · up(x))` for `x`: `[n, hidden]`; `act`: scratch of at least
 /// `2 * n * ffn` floats; `out`: `[n, hidden]`, overwritten.
 ///
-/// Fused per block of 128 neurons (256 from 2048 neurons on): one task computes the block's
-/// gate and up rows for all `n` tokens, applies SiLU·mul, and adds the block's rows of `downᵀ` into its own block sum
+/// Fused per block of 128 neurons: one task computes the block's gate and up rows for all
+/// `n` tokens, applies SiLU·mul, and adds the block's rows of `downᵀ` into its own block sum
 /// (no barrier between the projections; each task reads its part of the expert once). The
 /// block sums are added in block order (see [`crate::matmul::axpy_rows_with`]), so the
 /// result is bit-identical to [`expert_swiglu_unfused_with`], whatever the thread count,

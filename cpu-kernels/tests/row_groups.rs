@@ -70,19 +70,8 @@ fn grouped_axpy_matches_scalar_and_is_batch_and_thread_invariant() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     // Rows: under a group, one group, odd, several 128-row blocks; columns: one block, a
     // chunk of 64 blocks plus one (2080), and a real hidden size.
-    let shapes = [
-        (0, 32),
-        (5, 0),
-        (1, 32),
-        (3, 64),
-        (4, 32),
-        (9, 96),
-        (37, 64),
-        (128, 2080),
-        (133, 256),
-        (333, 1024),
-        (2100, 64),
-    ];
+    let shapes =
+        [(0, 32), (5, 0), (1, 32), (3, 64), (4, 32), (9, 96), (37, 64), (128, 2080), (133, 256), (333, 1024)];
     for (rows, cols) in shapes {
         let m = Quant::new(&rand_vec(&mut rng, rows * cols), rows, cols);
         for kind in KINDS {
@@ -151,8 +140,7 @@ fn grouped_axpy_keeps_non_finite_activations() {
 #[test]
 fn fused_expert_over_grouped_down_is_deterministic() {
     let mut rng = ChaCha8Rng::seed_from_u64(13);
-    // 2080 neurons: blocks of 256.
-    for (ffn, hidden) in [(1, 32), (37, 64), (200, 96), (130, 256), (2080, 32)] {
+    for (ffn, hidden) in [(1, 32), (37, 64), (200, 96), (130, 256)] {
         let parts: Vec<Quant> = (0..3)
             .map(|_| {
                 let v: Vec<f32> = rand_vec(&mut rng, ffn * hidden).iter().map(|a| a * 0.2).collect();

@@ -599,7 +599,7 @@ const GATE_UP_RUN: usize = 16;
 const _: () = assert!(2 * GATE_UP_RUN <= ROWS_PER_TASK);
 
 /// The whole SwiGLU expert `out = downᵀᵀ · (silu(gate · x) ⊙ (up · x))` for `n_tokens`
-/// tokens, fused per block of [`axpy_rows_per_task`] neurons: one task computes the gate
+/// tokens, fused per block of [`AXPY_ROWS_PER_TASK`] neurons: one task computes the gate
 /// and up rows of its block for every token, applies SiLU·mul, and adds its block's rows
 /// of `downᵀ` into its own block sum, so it reads its part of the expert once, start to
 /// end, with no barrier between the projections. Block sums are then added to `out` in
@@ -649,14 +649,13 @@ pub(crate) fn swiglu_with(
     let kernel = select(isa);
     // g and u are the two halves of `act` (the interleaved path uses all of it at once).
     let (gp, up_) = (SyncPtr(act.as_mut_ptr()), SyncPtr(act.as_mut_ptr().wrapping_add(n_tokens * ffn)));
-    let rpt = axpy_rows_per_task(ffn);
-    let n_blocks = ffn.div_ceil(rpt);
+    let n_blocks = ffn.div_ceil(AXPY_ROWS_PER_TASK);
     let part = n_tokens * hidden;
     with_acts(isa, x, hidden, &gate, |x| {
         with_block_sums(n_blocks * part, |sums| {
             let block = |b: usize, p: &mut [f32]| {
-                let j0 = b * rpt;
-                let j1 = (j0 + rpt).min(ffn);
+                let j0 = b * AXPY_ROWS_PER_TASK;
+                let j1 = (j0 + AXPY_ROWS_PER_TASK).min(ffn);
                 // SAFETY: g and u are [n_tokens, ffn] (asserted), distinct, and blocks are
                 // disjoint, so this task alone writes and then reads columns j0..j1 of each;
                 // seen as one [n_tokens, 2 · ffn] buffer (the interleaved path: `act` holds
@@ -819,27 +818,14 @@ pub fn axpy_rows<'a>(a: &[f32], w: impl Into<AxpyRef<'a>>, y: &mut [f32]) {
     axpy_rows_with(active_isa(), a, w, y)
 }
 
-/// Rows of `W` (terms of the sum over j) per task of [`axpy_rows_with`] and per block of
-/// the fused expert, a function of the row count alone: the SIMD reduction order is "each
-/// block of this many rows from zero in ascending j, then the block sums added to y in
-/// block order", which must not depend on the thread count or the batch. Blocks of whole
-/// rows keep each thread's reads long and contiguous (splitting columns instead makes every
-/// core's prefetchers pull whole rows, doubling DRAM traffic). Long matrices take blocks of
-/// 256 rows: half the switches between an expert's gate/up and `downᵀ` streams
-/// (`kbench` one-token expert +1–13%, about +5%, against 128); short ones 128, so a small
-/// expert still splits into enough blocks to balance two threads (qwen3's 768 rows: six).
-fn axpy_rows_per_task(rows: usize) -> usize {
-    if rows >= AXPY_LONG_ROWS {
-        2 * AXPY_ROWS_PER_TASK
-    } else {
-        AXPY_ROWS_PER_TASK
-    }
-}
+/// Rows of `W` (terms of the sum over j) per task of [`axpy_rows_with`]. A constant: the
+/// SIMD reduction order is "each block of this many rows from zero in ascending j, then the
+/// block sums added to y in block order", which must not depend on the thread count.
+/// Blocks of whole rows keep each thread's reads long and contiguous (splitting columns
+/// instead makes every core's prefetchers pull whole rows, doubling DRAM traffic).
 const AXPY_ROWS_PER_TASK: usize = 128;
-/// From this many rows on, [`axpy_rows_per_task`] takes blocks of twice the size.
-const AXPY_LONG_ROWS: usize = 2048;
-// Row blocks of paired grouped matrices must hold whole pairs of groups.
-const _: () = assert!(AXPY_ROWS_PER_TASK.is_multiple_of(2 * crate::row_groups::GROUP_ROWS));
+// Row blocks of grouped matrices must hold whole groups.
+const _: () = assert!(AXPY_ROWS_PER_TASK.is_multiple_of(crate::row_groups::GROUP_ROWS));
 
 thread_local! {
     /// Per-thread buffer for the block sums of [`axpy_rows_with`] (grows, never shrinks).
@@ -850,7 +836,7 @@ thread_local! {
 /// `[n_tokens, rows]` and `y`: `[n_tokens, cols]`.
 ///
 /// Scalar: one `y += a·w` pass per row j in ascending order (the oracle). SIMD: blocks of
-/// [`axpy_rows_per_task`] rows are summed from zero (FMA, j ascending) in parallel, then
+/// [`AXPY_ROWS_PER_TASK`] rows are summed from zero (FMA, j ascending) in parallel, then
 /// added to `y` in block order; the order depends only on the ISA and `rows`, never on the
 /// batch or the thread count. Block sums live in a per-thread scratch buffer reused across
 /// calls (allocated on first use only).
@@ -871,13 +857,12 @@ pub fn axpy_rows_with<'a>(isa: Isa, a: &[f32], w: impl Into<AxpyRef<'a>>, y: &mu
         scalar_axpy(a, n_tokens, w, y);
         return;
     };
-    let rpt = axpy_rows_per_task(rows);
-    let n_blocks = rows.div_ceil(rpt);
+    let n_blocks = rows.div_ceil(AXPY_ROWS_PER_TASK);
     let part = n_tokens * cols;
     with_block_sums(n_blocks * part, |sums| {
         let block = |b: usize, p: &mut [f32]| {
-            let r0 = b * rpt;
-            let r1 = (r0 + rpt).min(rows);
+            let r0 = b * AXPY_ROWS_PER_TASK;
+            let r1 = (r0 + AXPY_ROWS_PER_TASK).min(rows);
             p.fill(0.0);
             kernel.run(&a[r0..], rows, n_tokens, w.row_range(r0, r1), p);
         };
