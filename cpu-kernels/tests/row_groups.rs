@@ -263,3 +263,30 @@ fn fused_expert_over_paired_down_matches_plain() {
         }
     }
 }
+
+/// A long expert (gate/up interleaved, as the engine holds them; nine 128-neuron blocks):
+/// the fused kernel gives the unfused composition's bits at any thread count and batch.
+#[test]
+fn long_interleaved_expert_fused_matches_unfused() {
+    let mut rng = ChaCha8Rng::seed_from_u64(16);
+    let (ffn, hidden) = (1100, 64);
+    let gu: Vec<f32> = rand_vec(&mut rng, 2 * ffn * hidden).iter().map(|a| a * 0.2).collect();
+    let gu = Quant::new(&gu, 2 * ffn, hidden);
+    let down = Quant::new(&rand_vec(&mut rng, ffn * hidden), ffn, hidden);
+    for kind in KINDS {
+        let e = ExpertRef::interleaved(gu.rows_of(kind), down.grouped(kind)).unwrap();
+        for n in [1, 3] {
+            let x = rand_vec(&mut rng, n * hidden);
+            for isa in Isa::all_supported() {
+                let mut act = vec![0f32; 2 * n * ffn];
+                let mut want = vec![0f32; n * hidden];
+                expert_swiglu_unfused_with(isa, &x, e, &mut act, &mut want);
+                for threads in [1, 2, 3] {
+                    let mut got = vec![0f32; n * hidden];
+                    pool(threads).install(|| expert_swiglu_with(isa, &x, e, &mut act, &mut got));
+                    assert_eq!(got, want, "{isa:?} {kind:?} n {n} threads {threads}");
+                }
+            }
+        }
+    }
+}
