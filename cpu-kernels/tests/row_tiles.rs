@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use half::f16;
-use hetmoe_cpu_kernels::matmul::{matmul_with, MatRef, WeightsRef};
+use hetmoe_cpu_kernels::matmul::{dot_row, matmul_with, MatRef, WeightsRef};
 use hetmoe_cpu_kernels::moe::{expert_swiglu_with, ExpertRef};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
 use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
@@ -147,6 +147,15 @@ fn tiled_row_ranges_follow_tiles() {
                 matmul_with(isa, &x, a.row_range(s, e), &mut ya);
                 matmul_with(isa, &x, b.row_range(s, e), &mut yb);
                 assert_eq!(bits(&ya), bits(&yb), "{kind:?} {} rows {s}..{e}", isa.name());
+                for r in 0..e - s {
+                    let one = dot_row(isa, &x, b.row_range(s, e), r);
+                    assert_eq!(
+                        one.to_bits(),
+                        ya[r].to_bits(),
+                        "{kind:?} {} dot_row {r} of {s}..{e}",
+                        isa.name()
+                    );
+                }
             }
         }
         let cut = std::panic::catch_unwind(|| b.row_range(2, 6));

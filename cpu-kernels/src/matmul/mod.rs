@@ -807,6 +807,15 @@ fn select(isa: Isa) -> Kernel {
 
 /// One dot product `Σ x[c] · w[c]` on the given ISA: the reduction every matmul output uses.
 pub fn dot_row(isa: Isa, x: &[f32], w: MatRef<'_>, r: usize) -> f32 {
+    if w.is_tiled() {
+        // The tile holding row r (a row of a tile cannot be cut out; its dot product is
+        // the same computed with its tile's).
+        let (t0, t1) = (r / TILE_ROWS * TILE_ROWS, (r / TILE_ROWS * TILE_ROWS + TILE_ROWS).min(w.rows));
+        let tile = w.row_range(t0, t1);
+        let mut y = [0f32; TILE_ROWS];
+        with_acts(isa, x, w.cols, &tile, |acts| select(isa)(acts, 1, tile, &mut y[..t1 - t0], t1 - t0));
+        return y[r - t0];
+    }
     let mut y = [0f32];
     let row = w.row_range(r, r + 1);
     with_acts(isa, x, w.cols, &row, |acts| select(isa)(acts, 1, row, &mut y, 1));
