@@ -6,6 +6,8 @@
 //! bundle `[ffn][gate | up | downᵀ][hidden]` (the on-disk expert store), with the same
 //! arithmetic, so a model gives the same numbers whichever tier its experts come from.
 
+use std::ops::Range;
+
 use crate::dispatch::{active_isa, Isa};
 use crate::matmul::{matmul_with, AxpyRef, MatRef, WeightsRef};
 use crate::KernelError;
@@ -147,8 +149,41 @@ fn tokens(x: &[f32], e: &ExpertRef<'_>, out: &[f32]) -> usize {
 
 /// [`expert_swiglu`] on a given ISA.
 pub fn expert_swiglu_with(isa: Isa, x: &[f32], e: ExpertRef<'_>, act: &mut [f32], out: &mut [f32]) {
-    tokens(x, &e, out);
-    crate::matmul::swiglu_with(isa, x, e.gate_up, e.down_t, act, out);
+    let n = tokens(x, &e, out);
+    crate::matmul::swiglu_experts_with(isa, x, &[(e, 0..n)], act, out);
+}
+
+/// Experts one call of [`experts_swiglu`] runs in one parallel loop at most (more run in
+/// groups of this many). Enough for a decode step's top-k of today's models.
+pub const EXPERTS_PER_LOOP: usize = 8;
+
+/// [`expert_swiglu`] for several experts at once, each over its own rows: expert `i`
+/// computes rows `experts[i].1` of `out` (`[n, hidden]`) from the same rows of `x`
+/// (`[n, hidden]`), with the same rows of `act` (`[n, 2 · ffn]` floats at least) as
+/// scratch. The ranges must be ascending and disjoint, and the experts of one shape; rows
+/// that no range covers are left unchanged.
+///
+/// Every expert's blocks run in one parallel loop (up to [`EXPERTS_PER_LOOP`] experts), so
+/// a decode step's small experts pay one loop's start and end instead of one each. The
+/// results are bit-identical to [`expert_swiglu`] on each expert alone.
+pub fn experts_swiglu(
+    x: &[f32],
+    experts: &[(ExpertRef<'_>, Range<usize>)],
+    act: &mut [f32],
+    out: &mut [f32],
+) {
+    experts_swiglu_with(active_isa(), x, experts, act, out)
+}
+
+/// [`experts_swiglu`] on a given ISA.
+pub fn experts_swiglu_with(
+    isa: Isa,
+    x: &[f32],
+    experts: &[(ExpertRef<'_>, Range<usize>)],
+    act: &mut [f32],
+    out: &mut [f32],
+) {
+    crate::matmul::swiglu_experts_with(isa, x, experts, act, out);
 }
 
 /// The unfused composition (matmul gate, matmul up, silu·mul, axpy with `downᵀ`): the

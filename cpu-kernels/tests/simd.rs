@@ -4,7 +4,9 @@
 
 use half::{bf16, f16};
 use hetmoe_cpu_kernels::matmul::{axpy_rows_with, dot_row, matmul_with, MatRef, WeightsRef};
-use hetmoe_cpu_kernels::moe::{expert_swiglu_unfused_with, expert_swiglu_with, ExpertRef};
+use hetmoe_cpu_kernels::moe::{
+    expert_swiglu_unfused_with, expert_swiglu_with, experts_swiglu_with, ExpertRef, EXPERTS_PER_LOOP,
+};
 use hetmoe_cpu_kernels::parallel::Team;
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
 use hetmoe_cpu_kernels::Isa;
@@ -422,6 +424,90 @@ fn expert_swiglu_invariants() {
             }
         }
     }
+}
+
+/// Several experts in one call (one parallel loop) give each expert's rows the bits it
+/// gives alone, in every layout, at 1–3 threads (rayon and a team), with empty ranges, rows
+/// no expert covers (left as they were), and more experts than one loop takes.
+#[test]
+fn experts_in_one_loop_match_each_alone() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for dt in DTS {
+        for (ffn, hidden, n_experts) in [(37, 64, 3), (200, 96, 4), (300, 64, EXPERTS_PER_LOOP + 3)] {
+            let experts: Vec<Expert> =
+                (0..n_experts).map(|_| Expert::new(&mut rng, dt, ffn, hidden)).collect();
+            let layout = |i: usize| match i % 3 {
+                0 => experts[i].bundled(),
+                1 => experts[i].separate(),
+                _ => experts[i].interleaved(),
+            };
+            // Expert i takes rows[i]: some of one row, one empty, row 2 nobody's.
+            let mut starts = Vec::new();
+            let mut r = 0;
+            for i in 0..n_experts {
+                if i == 1 {
+                    r += 1; // row r is left out
+                }
+                let m = [1, 0, 2, 3][i % 4];
+                starts.push(r..r + m);
+                r += m;
+            }
+            let n = r;
+            let x = rand_vec(&mut rng, n * hidden);
+            for isa in Isa::all_supported() {
+                let want: Vec<Vec<f32>> = (0..n_experts)
+                    .map(|i| {
+                        run_expert(isa, &x[starts[i].start * hidden..starts[i].end * hidden], layout(i), true)
+                    })
+                    .collect();
+                let jobs: Vec<(ExpertRef<'_>, std::ops::Range<usize>)> =
+                    (0..n_experts).map(|i| (layout(i), starts[i].clone())).collect();
+                let run = || {
+                    let mut act = vec![f32::NAN; 2 * n * ffn];
+                    let mut out = vec![7.0f32; n * hidden];
+                    experts_swiglu_with(isa, &x, &jobs, &mut act, &mut out);
+                    out
+                };
+                let mut results = vec![run()];
+                for threads in [1, 2, 3] {
+                    results.push(pool(threads).install(run));
+                    results.push(Team::new(threads).unwrap().install(run));
+                }
+                for got in results {
+                    for (i, rows) in starts.iter().enumerate() {
+                        assert_eq!(
+                            got[rows.start * hidden..rows.end * hidden],
+                            want[i][..],
+                            "{isa:?} {dt:?} {ffn}x{hidden} expert {i}"
+                        );
+                    }
+                    assert!(
+                        got[hidden..2 * hidden].iter().all(|&v| v == 7.0),
+                        "{isa:?} {dt:?}: row 1 touched"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn experts_in_one_loop_check_their_rows_and_shapes() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let (a, b) = (Expert::new(&mut rng, Dt::F32, 8, 32), Expert::new(&mut rng, Dt::F32, 9, 32));
+    let x = rand_vec(&mut rng, 4 * 32);
+    let call = |jobs: Vec<(ExpertRef<'_>, std::ops::Range<usize>)>| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let (mut act, mut out) = (vec![0f32; 2 * 4 * 9], vec![0f32; 4 * 32]);
+            experts_swiglu_with(Isa::Scalar, &x, &jobs, &mut act, &mut out);
+        }))
+        .is_ok()
+    };
+    assert!(call(vec![(a.separate(), 0..2), (a.bundled(), 2..4)]));
+    assert!(!call(vec![(a.separate(), 0..3), (a.bundled(), 2..4)]), "overlapping rows");
+    assert!(!call(vec![(a.separate(), 2..4), (a.bundled(), 0..2)]), "descending rows");
+    assert!(!call(vec![(a.separate(), 0..5)]), "rows past x");
+    assert!(!call(vec![(a.separate(), 0..2), (b.separate(), 2..4)]), "two shapes");
 }
 
 /// A NaN or infinite activation makes every output it enters NaN (or ±inf) on every ISA and

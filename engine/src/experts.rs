@@ -1,13 +1,14 @@
 //! Where routed experts' weights come from when the MoE block needs them.
 //!
-//! The block asks for the experts its tokens were routed to; an [`ExpertAccess`] hands each
-//! one's weights to the block's callback, in whatever order they become available (resident
-//! first, loaded ones as they arrive). Expert outputs are summed per token in rank order, so
-//! the order of callbacks never changes the result.
+//! The block asks for the experts its tokens were routed to; an [`ExpertAccess`] hands their
+//! weights to the block's callback, in batches (all at once when resident, so the block can
+//! run them in one parallel loop; one by one as they arrive from a cache), in whatever order
+//! they become available. Expert outputs are summed per token in rank order, so neither
+//! the order nor the batching ever changes the result.
 
 use std::fmt::Debug;
 
-use hetmoe_cpu_kernels::moe::ExpertRef;
+use hetmoe_cpu_kernels::moe::{ExpertRef, EXPERTS_PER_LOOP};
 use hetmoe_storage::{ExpertId, ExpertKey};
 
 use crate::error::EngineResult;
@@ -28,13 +29,15 @@ pub(crate) struct ExpertRequest<'a> {
 }
 
 pub(crate) trait ExpertAccess: Send + Sync + Debug {
-    /// Calls `run(expert, weights)` exactly once for each of `req.experts`. `resident`
-    /// holds the layer's in-memory experts (empty when experts are offloaded).
+    /// Calls `run(experts, weights)` on batches of `req.experts` (`weights[i]`: expert
+    /// `experts[i]`), each expert in exactly one batch, a batch ascending and at most
+    /// [`EXPERTS_PER_LOOP`] long. `resident` holds the layer's in-memory experts (empty when
+    /// experts are offloaded).
     fn with_experts(
         &self,
         req: &ExpertRequest<'_>,
         resident: &[Mlp],
-        run: &mut dyn FnMut(usize, ExpertRef<'_>),
+        run: &mut dyn FnMut(&[usize], &[ExpertRef<'_>]),
     ) -> EngineResult<()>;
 
     /// Whether the experts are the checkpoint's, in memory.
@@ -77,10 +80,14 @@ impl ExpertAccess for Resident {
         &self,
         req: &ExpertRequest<'_>,
         resident: &[Mlp],
-        run: &mut dyn FnMut(usize, ExpertRef<'_>),
+        run: &mut dyn FnMut(&[usize], &[ExpertRef<'_>]),
     ) -> EngineResult<()> {
-        for &e in req.experts {
-            run(e, resident[e].expert());
+        for batch in req.experts.chunks(EXPERTS_PER_LOOP) {
+            // A fixed array (no allocation per step); the entries past the batch repeat its
+            // last expert and are not passed on.
+            let refs: [ExpertRef<'_>; EXPERTS_PER_LOOP] =
+                std::array::from_fn(|i| resident[batch[i.min(batch.len() - 1)]].expert());
+            run(batch, &refs[..batch.len()]);
         }
         Ok(())
     }

@@ -40,7 +40,7 @@ impl<S: ExpertSource + ExpertLayout> ExpertAccess for CachedExperts<S> {
         &self,
         req: &ExpertRequest<'_>,
         _resident: &[Mlp],
-        run: &mut dyn FnMut(usize, ExpertRef<'_>),
+        run: &mut dyn FnMut(&[usize], &[ExpertRef<'_>]),
     ) -> EngineResult<()> {
         self.cache.on_step(&Step {
             layer: LayerId(req.layer as u16),
@@ -50,7 +50,8 @@ impl<S: ExpertSource + ExpertLayout> ExpertAccess for CachedExperts<S> {
         });
         let source = self.cache.source();
         self.cache.for_each(req.keys, |key, bytes| -> Result<(), EngineError> {
-            run(key.expert.0 as usize, source.expert_ref(bytes)?);
+            // One at a time: each is held in the cache only while it runs.
+            run(&[key.expert.0 as usize], &[source.expert_ref(bytes)?]);
             Ok(())
         })
     }

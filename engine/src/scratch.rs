@@ -37,8 +37,11 @@ pub(crate) struct MoeScratch {
     /// `active` as expert ids and as keys of this layer (what an expert cache is asked for).
     pub active_ids: Vec<ExpertId>,
     pub active_keys: Vec<ExpertKey>,
+    /// `[n · top_k, hidden]`: each slot's token in expert order (`order`), and its expert's
+    /// output.
     pub xe: Vec<f32>,
     pub ye: Vec<f32>,
+    /// The experts' activation scratch.
     pub act: Vec<f32>,
     pub shared_y: Vec<f32>,
     pub gate: Vec<f32>,

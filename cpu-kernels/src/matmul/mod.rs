@@ -16,11 +16,13 @@ mod groups_avx2;
 #[cfg(target_arch = "x86_64")]
 mod groups_avx512;
 mod scalar;
+mod swiglu;
+
+pub(crate) use swiglu::swiglu_experts_with;
 
 use half::{bf16, f16};
 
 use crate::dispatch::{active_isa, Isa};
-use crate::moe::GateUpRef;
 use crate::parallel::SyncPtr;
 use crate::quant::{BlockQ4, BlockQ8, QK};
 use crate::row_groups::GroupedRef;
@@ -343,6 +345,9 @@ pub(crate) struct Acts<'a> {
 }
 
 impl<'a> Acts<'a> {
+    /// No activations (a placeholder).
+    pub(crate) const EMPTY: Acts<'static> = Acts { x: &[], q: &[], neg_sums: &[], scales: &[], cols: 0 };
+
     /// Tokens `t0..t1`.
     fn tokens(self, t0: usize, t1: usize) -> Acts<'a> {
         let (c, g) = (self.cols, self.cols / crate::quant::LANE);
@@ -405,43 +410,42 @@ fn q4_blocks_per_step(isa: Isa) -> Option<usize> {
     }
 }
 
+/// How `isa`'s kernels for `w`'s format read activations (`None`: as given).
+fn prep_for(isa: Isa, cols: usize, w: &MatRef<'_>) -> Option<Prep> {
+    match (w.data, isa.bf16_chunk()) {
+        (WeightsRef::Q8(_) | WeightsRef::Q8Tiles(_), _) => Some(Prep::Quantize(None)),
+        (WeightsRef::Q4(_) | WeightsRef::Q4Tiles(_), _) => Some(Prep::Quantize(q4_blocks_per_step(isa))),
+        (WeightsRef::Bf16(_), Some(chunk)) if cols >= chunk => Some(Prep::OddEven(chunk)),
+        _ => None,
+    }
+}
+
 /// Runs `f` on `x` (`n_tokens` rows of `cols`) as the `isa` kernels of `w`'s format read it
 /// ([`Acts`]), prepared here in this thread's scratch (a fresh buffer if that is in use).
 fn with_acts<R>(isa: Isa, x: &[f32], cols: usize, w: &MatRef<'_>, f: impl FnOnce(Acts<'_>) -> R) -> R {
-    let prep = match (w.data, isa.bf16_chunk()) {
-        (WeightsRef::Q8(_) | WeightsRef::Q8Tiles(_), _) => Prep::Quantize(None),
-        (WeightsRef::Q4(_) | WeightsRef::Q4Tiles(_), _) => Prep::Quantize(q4_blocks_per_step(isa)),
-        (WeightsRef::Bf16(_), Some(chunk)) if cols >= chunk => Prep::OddEven(chunk),
-        _ => return f(Acts { x, q: &[], neg_sums: &[], scales: &[], cols }),
-    };
-    if x.is_empty() {
-        return f(Acts { x, q: &[], neg_sums: &[], scales: &[], cols });
-    }
+    let prep = prep_for(isa, cols, w);
     let mut f = Some(f);
     let mut out = None;
     ACT_SCRATCH.with(|cell| {
         if let Ok(mut s) = cell.try_borrow_mut() {
-            out = f.take().map(|f| prepared_acts(x, cols, prep, &mut s, f));
+            out = f.take().map(|f| f(prepare_acts(x, cols, prep, &mut s)));
         }
     });
     match f {
         // Re-entered on this thread (an inner call from a task of an outer one).
-        Some(f) => prepared_acts(x, cols, prep, &mut ActScratch::default(), f),
+        Some(f) => f(prepare_acts(x, cols, prep, &mut ActScratch::default())),
         None => out.expect("the scratch closure ran"),
     }
 }
 
-/// Prepares `x` in `s` and runs `f` on it. Tokens are prepared in parallel when there
-/// are many (prefill), since every other thread waits for this: with a serial, scalar
-/// quantization, q8 prefill at 16 threads (lent H100 host) ran at half the speed of the
-/// float kernels it replaced.
-fn prepared_acts<R>(
-    x: &[f32],
-    cols: usize,
-    prep: Prep,
-    s: &mut ActScratch,
-    f: impl FnOnce(Acts<'_>) -> R,
-) -> R {
+/// Prepares `x` (`[n_tokens, cols]`) for `prep` in `s` and returns the view of it. Tokens
+/// are prepared in parallel when there are many (prefill), since every other thread waits
+/// for this: with a serial, scalar quantization, q8 prefill at 16 threads (lent H100 host)
+/// ran at half the speed of the float kernels it replaced.
+fn prepare_acts<'s>(x: &'s [f32], cols: usize, prep: Option<Prep>, s: &'s mut ActScratch) -> Acts<'s> {
+    let Some(prep) = prep.filter(|_| !x.is_empty()) else {
+        return Acts { x, q: &[], neg_sums: &[], scales: &[], cols };
+    };
     let n = x.len();
     let n_tokens = n / cols;
     let g = cols / crate::quant::LANE;
@@ -494,14 +498,14 @@ fn prepared_acts<R>(
         (0..n_tokens).for_each(token);
     }
     match prep {
-        Prep::OddEven(_) => f(Acts { x: &s.x[..n], q: &[], neg_sums: &[], scales: &[], cols }),
-        Prep::Quantize(_) => f(Acts {
+        Prep::OddEven(_) => Acts { x: &s.x[..n], q: &[], neg_sums: &[], scales: &[], cols },
+        Prep::Quantize(_) => Acts {
             x,
             q: &s.q[..n],
             neg_sums: &s.neg_sums[..n_tokens * g],
             scales: &s.scales[..n_tokens * g],
             cols,
-        }),
+        },
     }
 }
 
@@ -591,126 +595,6 @@ unsafe fn row_block(
         }
         t0 += nt;
     }
-}
-
-/// Rows of gate, then the same rows of up, computed in turn by [`swiglu_with`].
-const GATE_UP_RUN: usize = 16;
-// A run of interleaved gate/up rows (2 · GATE_UP_RUN) must fit one multi-token row block.
-const _: () = assert!(2 * GATE_UP_RUN <= ROWS_PER_TASK);
-
-/// The whole SwiGLU expert `out = downᵀᵀ · (silu(gate · x) ⊙ (up · x))` for `n_tokens`
-/// tokens, fused per block of [`AXPY_ROWS_PER_TASK`] neurons: one task computes the gate
-/// and up rows of its block for every token, applies SiLU·mul, and adds its block's rows
-/// of `downᵀ` into its own block sum, so it reads its part of the expert once, start to
-/// end, with no barrier between the projections. Block sums are then added to `out` in
-/// block order: bit-identical to [`matmul_with`] (gate, up), `silu_mul` and
-/// [`axpy_rows_with`] in sequence. With `gate_up` (gate and up rows interleaved, see
-/// [`crate::moe::ExpertRef::interleaved`]) a task reads its block's gate and up rows as one
-/// run of that matrix: the same dot products. `act` (at least `2 · n_tokens · ffn` floats)
-/// is scratch.
-pub(crate) fn swiglu_with(
-    isa: Isa,
-    x: &[f32],
-    gate_up: GateUpRef<'_>,
-    down_t: AxpyRef<'_>,
-    act: &mut [f32],
-    out: &mut [f32],
-) {
-    let (gate, up, gate_up) = match gate_up {
-        GateUpRef::Separate { gate, up } => (gate, up, None),
-        // gate and up are unused with the interleaved matrix but for their shape.
-        GateUpRef::Interleaved(gu) => {
-            assert!(gu.rows.is_multiple_of(2), "gate_up is not [2 · ffn, hidden]");
-            let half = MatRef { rows: gu.rows / 2, ..gu };
-            (half, half, Some(gu))
-        }
-    };
-    assert!(gate.rows == up.rows && gate.cols == up.cols, "gate and up shapes differ");
-    assert!(down_t.rows() == gate.rows && down_t.cols() == gate.cols, "downᵀ shape differs from gate");
-    out.fill(0.0);
-    let (ffn, hidden) = (gate.rows, gate.cols);
-    if ffn == 0 || hidden == 0 {
-        return;
-    }
-    let n_tokens = x.len() / hidden;
-    assert_eq!(x.len(), n_tokens * hidden, "x is not [n_tokens, hidden]");
-    assert!(act.len() >= 2 * n_tokens * ffn, "act scratch too small");
-    assert_eq!(out.len(), n_tokens * hidden, "out is not [n_tokens, hidden]");
-    if n_tokens == 0 {
-        return;
-    }
-    let Some(axpy) = axpy_kernel(isa) else {
-        // The scalar oracle: unfused, one pass per row of downᵀ.
-        let gu = gate_up.map_or(GateUpRef::Separate { gate, up }, GateUpRef::Interleaved);
-        let g = crate::moe::gate_up_act(isa, x, n_tokens, gu, act);
-        scalar_axpy(g, n_tokens, down_t, out);
-        return;
-    };
-    let kernel = select(isa);
-    // g and u are the two halves of `act` (the interleaved path uses all of it at once).
-    let (gp, up_) = (SyncPtr(act.as_mut_ptr()), SyncPtr(act.as_mut_ptr().wrapping_add(n_tokens * ffn)));
-    let n_blocks = ffn.div_ceil(AXPY_ROWS_PER_TASK);
-    let part = n_tokens * hidden;
-    with_acts(isa, x, hidden, &gate, |x| {
-        with_block_sums(n_blocks * part, |sums| {
-            let block = |b: usize, p: &mut [f32]| {
-                let j0 = b * AXPY_ROWS_PER_TASK;
-                let j1 = (j0 + AXPY_ROWS_PER_TASK).min(ffn);
-                // SAFETY: g and u are [n_tokens, ffn] (asserted), distinct, and blocks are
-                // disjoint, so this task alone writes and then reads columns j0..j1 of each;
-                // seen as one [n_tokens, 2 · ffn] buffer (the interleaved path: `act` holds
-                // both halves, asserted), columns 2·j0 .. 2·j1 of each token row are this
-                // task's alone.
-                unsafe {
-                    if let Some(gu) = gate_up {
-                        // Gate and up rows interleaved ([gate_j | up_j]): one matvec over the
-                        // block's 2 · (j1 − j0) rows, one stream, into g and u seen as one
-                        // [n_tokens, 2 · ffn] buffer (row 2j: gate_j, 2j + 1: up_j); SiLU·mul
-                        // then leaves token t's block activations at 2·j0 .. 2·j0 + (j1 − j0).
-                        let mut r0 = 2 * j0;
-                        while r0 < 2 * j1 {
-                            let r1 = (r0 + 2 * GATE_UP_RUN).min(2 * j1);
-                            row_block(kernel, x, n_tokens, gu, r0, r1, gp, 2 * ffn);
-                            r0 = r1;
-                        }
-                        for t in 0..n_tokens {
-                            let r = gp.ptr().add(t * 2 * ffn + 2 * j0);
-                            crate::activation::silu_mul_pairs(std::slice::from_raw_parts_mut(
-                                r,
-                                2 * (j1 - j0),
-                            ));
-                        }
-                        let gb = std::slice::from_raw_parts(
-                            gp.ptr().add(2 * j0),
-                            (n_tokens - 1) * 2 * ffn + (j1 - j0),
-                        );
-                        p.fill(0.0);
-                        axpy.run(gb, 2 * ffn, n_tokens, down_t.row_range(j0, j1), p);
-                        return;
-                    }
-                    // Alternate gate and up in short runs: in a row-column bundle gate row j and
-                    // up row j are neighbours, so this walks the bundle nearly sequentially.
-                    let mut s0 = j0;
-                    while s0 < j1 {
-                        let s1 = (s0 + GATE_UP_RUN).min(j1);
-                        row_block(kernel, x, n_tokens, gate, s0, s1, gp, ffn);
-                        row_block(kernel, x, n_tokens, up, s0, s1, up_, ffn);
-                        s0 = s1;
-                    }
-                    for t in 0..n_tokens {
-                        let gs = std::slice::from_raw_parts_mut(gp.ptr().add(t * ffn + j0), j1 - j0);
-                        let us = std::slice::from_raw_parts(up_.ptr().add(t * ffn + j0), j1 - j0);
-                        crate::activation::silu_mul(gs, us);
-                    }
-                    let gb = std::slice::from_raw_parts(gp.ptr().add(j0), (n_tokens - 1) * ffn + (j1 - j0));
-                    p.fill(0.0);
-                    axpy.run(gb, ffn, n_tokens, down_t.row_range(j0, j1), p);
-                }
-            };
-            for_each_part(sums, part, 3 * ffn * hidden * n_tokens >= MIN_PARALLEL_WORK, block);
-            add_block_sums(sums, part, out);
-        })
-    });
 }
 
 /// Hints the cache line holding `p` into L2 (T1 measured slightly better than T0 here). Never faults: `p` need not point to

@@ -1,14 +1,22 @@
 //! The MoE block: router (softmax, top-k, optional renormalisation), routed experts each
 //! run once over the tokens sent to it, optional shared expert with its sigmoid gate.
 
+use std::ops::Range;
+
+use hetmoe_cpu_kernels::moe::{ExpertRef, EXPERTS_PER_LOOP};
 use hetmoe_cpu_kernels::{matmul, softmax::sigmoid, softmax::softmax_inplace, topk::top_k};
 use hetmoe_storage::{ExpertId, ExpertKey, ModelSpec};
 
-use super::mlp::run_expert;
+use super::mlp::{run_expert, run_experts};
 use crate::error::EngineResult;
 use crate::experts::{ExpertAccess, ExpertRequest};
 use crate::scratch::{zeroed, MoeScratch};
 use crate::weights::MoeWeights;
+
+/// Experts share a parallel loop while their rows (token, expert pairs) number at most
+/// this: every decode step's experts, and small batches'. Bigger loops gain nothing and
+/// would grow the activation scratch.
+const ROWS_PER_SHARED_LOOP: usize = 64;
 
 /// Routing decisions of one MoE layer for a batch of tokens.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -133,23 +141,39 @@ pub(crate) fn forward(
         ids: active_ids,
         keys: active_keys,
     };
-    access.with_experts(&request, &moe.experts, &mut |e, weights| {
-        let slots_of_e = &order[offsets[e]..offsets[e + 1]];
-        let m = slots_of_e.len();
-        let xe = zeroed(xe, m * h); // [m, hidden]
-        for (row, &slot) in xe.chunks_exact_mut(h).zip(slots_of_e) {
-            let t = slot / k;
-            row.copy_from_slice(&x[t * h..(t + 1) * h]);
-        }
-        let ye = zeroed(ye, m * h);
-        run_expert(xe, weights, act, ye);
-        for (row, &slot) in ye.chunks_exact(h).zip(slots_of_e) {
-            let w = routing.weights[slot];
-            for (s, &v) in slots[slot * h..(slot + 1) * h].iter_mut().zip(row) {
-                *s = v * w;
+    // The tokens in expert order: row p is slot order[p]'s token, so expert e's tokens are
+    // rows offsets[e]..offsets[e + 1].
+    let xe = zeroed(xe, n * k * h);
+    for (row, &slot) in xe.chunks_exact_mut(h).zip(order.iter()) {
+        let t = slot / k;
+        row.copy_from_slice(&x[t * h..(t + 1) * h]);
+    }
+    let ye = zeroed(ye, n * k * h);
+    access.with_experts(&request, &moe.experts, &mut |experts, weights| {
+        // Consecutive experts share a loop while their rows are few (decode): the loop's
+        // start and end are paid once. A loop's `act` scratch covers its rows only.
+        let mut i = 0;
+        while i < experts.len() {
+            let lo = offsets[experts[i]];
+            let mut j = i + 1;
+            while j < experts.len() && offsets[experts[j] + 1] - lo <= ROWS_PER_SHARED_LOOP {
+                j += 1;
             }
+            let hi = offsets[experts[j - 1] + 1];
+            let jobs: [(ExpertRef<'_>, Range<usize>); EXPERTS_PER_LOOP] = std::array::from_fn(|q| {
+                let b = (i + q).min(j - 1);
+                (weights[b], offsets[experts[b]] - lo..offsets[experts[b] + 1] - lo)
+            });
+            run_experts(&xe[lo * h..hi * h], &jobs[..j - i], act, &mut ye[lo * h..hi * h]);
+            i = j;
         }
     })?;
+    for (row, &slot) in ye.chunks_exact(h).zip(order.iter()) {
+        let w = routing.weights[slot];
+        for (s, &v) in slots[slot * h..(slot + 1) * h].iter_mut().zip(row) {
+            *s = v * w;
+        }
+    }
     for t in 0..n {
         let o = &mut out[t * h..(t + 1) * h];
         o.copy_from_slice(&slots[t * k * h..(t * k + 1) * h]);
