@@ -3,7 +3,9 @@
 #![allow(clippy::unwrap_used)]
 
 use half::{bf16, f16};
-use hetmoe_cpu_kernels::matmul::{axpy_rows_with, dot_row, matmul_with, MatRef, WeightsRef};
+use hetmoe_cpu_kernels::matmul::{
+    axpy_rows_with, dot_row, matmul_with, matmuls_with, MatRef, WeightsRef, MATMULS_PER_LOOP,
+};
 use hetmoe_cpu_kernels::moe::{
     expert_swiglu_unfused_with, expert_swiglu_with, experts_swiglu_with, ExpertRef, EXPERTS_PER_LOOP,
 };
@@ -420,6 +422,55 @@ fn expert_swiglu_invariants() {
                             "{isa:?} {dt:?} {ffn}x{hidden} t {t} c {c}: {g} vs {e} (scale {scale})"
                         );
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Several matrices over the same activations in one loop give the bits of one `matmul`
+/// each, on every ISA, at 1–3 threads, with empty matrices, more matrices than a loop takes,
+/// and formats whose activations differ (run apart).
+#[test]
+fn matmuls_in_one_loop_match_each_alone() {
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let cols = 96;
+    for dt in DTS {
+        let rows = [70, 0, 5, 300, 1, 64, 33];
+        let mats: Vec<Mat> = rows.iter().map(|&r| Mat::new(&mut rng, dt, r, cols, 0, 1)).collect();
+        // And one of another format (f32 beside the rest, q8 beside f32).
+        let other = Mat::new(&mut rng, if dt == Dt::F32 { Dt::Q8 } else { Dt::F32 }, 9, cols, 0, 0);
+        for n in [1usize, 5] {
+            let x = rand_vec(&mut rng, n * cols);
+            for isa in Isa::all_supported() {
+                let one = |m: &Mat| {
+                    let mut y = vec![0f32; n * m.rows];
+                    matmul_with(isa, &x, m.mat(), &mut y);
+                    y
+                };
+                let want: Vec<Vec<f32>> = mats.iter().chain([&other]).map(one).collect();
+                let run = || {
+                    let mut ys: Vec<Vec<f32>> =
+                        mats.iter().chain([&other]).map(|m| vec![f32::NAN; n * m.rows]).collect();
+                    let mut jobs: Vec<(MatRef<'_>, &mut [f32])> = mats
+                        .iter()
+                        .chain([&other])
+                        .zip(ys.iter_mut())
+                        .map(|(m, y)| (m.mat(), y.as_mut_slice()))
+                        .collect();
+                    // The first three alone (one loop), then all with the other format.
+                    matmuls_with(isa, &x, &mut jobs[..3]);
+                    matmuls_with(isa, &x, &mut jobs);
+                    ys
+                };
+                assert!(mats.len() + 1 > MATMULS_PER_LOOP, "more matrices than one loop");
+                for threads in [1, 2, 3] {
+                    assert_eq!(pool(threads).install(run), want, "{isa:?} {dt:?} n{n} threads {threads}");
+                    assert_eq!(
+                        Team::new(threads).unwrap().install(run),
+                        want,
+                        "{isa:?} {dt:?} n{n} team {threads}"
+                    );
                 }
             }
         }

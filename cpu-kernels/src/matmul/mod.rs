@@ -15,9 +15,11 @@ mod groups;
 mod groups_avx2;
 #[cfg(target_arch = "x86_64")]
 mod groups_avx512;
+mod matmuls;
 mod scalar;
 mod swiglu;
 
+pub use matmuls::{matmuls, matmuls_with, MATMULS_PER_LOOP};
 pub(crate) use swiglu::swiglu_experts_with;
 
 use half::{bf16, f16};
@@ -382,7 +384,7 @@ thread_local! {
 }
 
 /// How [`with_acts`] prepares activations.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Prep {
     /// Odd/even order in chunks of this many columns.
     OddEven(usize),

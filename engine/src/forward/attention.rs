@@ -3,6 +3,7 @@
 
 use hetmoe_cpu_kernels::active_isa;
 use hetmoe_cpu_kernels::attention::{causal_attention_with, AttentionShape};
+use hetmoe_cpu_kernels::matmul::matmuls;
 use hetmoe_cpu_kernels::norm::rms_norm_inplace;
 use hetmoe_cpu_kernels::{matmul, rope};
 use hetmoe_storage::QkNorm;
@@ -40,9 +41,8 @@ pub(crate) fn forward(
     let q = zeroed(&mut sc.q, n * qd); // [n, n_heads * head_dim]
     let k = zeroed(&mut sc.k, n * kvd); // [n, n_kv_heads * head_dim]
     let v = zeroed(&mut sc.v, n * kvd);
-    matmul(xn, w.q.mat(), q);
-    matmul(xn, w.k.mat(), k);
-    matmul(xn, w.v.mat(), v);
+    // One parallel loop for the three (short matvecs in decode).
+    matmuls(xn, &mut [(w.q.mat(), &mut *q), (w.k.mat(), &mut *k), (w.v.mat(), &mut *v)]);
     add_bias(q, w.q_bias.as_ref());
     add_bias(k, w.k_bias.as_ref());
     add_bias(v, w.v_bias.as_ref());
