@@ -713,28 +713,14 @@ pub fn axpy_rows<'a>(a: &[f32], w: impl Into<AxpyRef<'a>>, y: &mut [f32]) {
     axpy_rows_with(active_isa(), a, w, y)
 }
 
-/// Rows of `W` (terms of the sum over j) per task of [`axpy_rows_with`] for a matrix of
-/// `rows` rows: [`AXPY_ROWS_PER_TASK`], or [`AXPY_ROWS_PER_TASK_SMALL`] up to
-/// [`SMALL_AXPY_ROWS`] rows. A function of `rows` alone: the SIMD reduction order is "each
-/// block of this many rows from zero in ascending j, then the block sums added to y in
-/// block order", which must not depend on the thread count. Blocks of whole rows keep each
-/// thread's reads long and contiguous (splitting columns instead makes every core's
-/// prefetchers pull whole rows, doubling DRAM traffic). Small experts get small blocks so
-/// that a decode step's experts give many threads a task each: a `qwen3-moe-bench` expert
-/// (ffn 768) in 128-row blocks is six tasks, four of them in one loop 24 for 16 threads.
-pub(crate) fn axpy_block_rows(rows: usize) -> usize {
-    if rows <= SMALL_AXPY_ROWS {
-        AXPY_ROWS_PER_TASK_SMALL
-    } else {
-        AXPY_ROWS_PER_TASK
-    }
-}
+/// Rows of `W` (terms of the sum over j) per task of [`axpy_rows_with`]. A constant: the
+/// SIMD reduction order is "each block of this many rows from zero in ascending j, then the
+/// block sums added to y in block order", which must not depend on the thread count.
+/// Blocks of whole rows keep each thread's reads long and contiguous (splitting columns
+/// instead makes every core's prefetchers pull whole rows, doubling DRAM traffic).
 const AXPY_ROWS_PER_TASK: usize = 128;
-const AXPY_ROWS_PER_TASK_SMALL: usize = 64;
-const SMALL_AXPY_ROWS: usize = 1024;
-// Row blocks of grouped matrices must hold whole groups, and whole pairs of groups.
-const _: () = assert!(AXPY_ROWS_PER_TASK.is_multiple_of(2 * crate::row_groups::GROUP_ROWS));
-const _: () = assert!(AXPY_ROWS_PER_TASK_SMALL.is_multiple_of(2 * crate::row_groups::GROUP_ROWS));
+// Row blocks of grouped matrices must hold whole groups.
+const _: () = assert!(AXPY_ROWS_PER_TASK.is_multiple_of(crate::row_groups::GROUP_ROWS));
 
 thread_local! {
     /// Per-thread buffer for the block sums of [`axpy_rows_with`] (grows, never shrinks).
@@ -745,7 +731,7 @@ thread_local! {
 /// `[n_tokens, rows]` and `y`: `[n_tokens, cols]`.
 ///
 /// Scalar: one `y += a·w` pass per row j in ascending order (the oracle). SIMD: blocks of
-/// [`axpy_block_rows`] rows are summed from zero (FMA, j ascending) in parallel, then
+/// [`AXPY_ROWS_PER_TASK`] rows are summed from zero (FMA, j ascending) in parallel, then
 /// added to `y` in block order; the order depends only on the ISA and `rows`, never on the
 /// batch or the thread count. Block sums live in a per-thread scratch buffer reused across
 /// calls (allocated on first use only).
@@ -766,13 +752,12 @@ pub fn axpy_rows_with<'a>(isa: Isa, a: &[f32], w: impl Into<AxpyRef<'a>>, y: &mu
         scalar_axpy(a, n_tokens, w, y);
         return;
     };
-    let block_rows = axpy_block_rows(rows);
-    let n_blocks = rows.div_ceil(block_rows);
+    let n_blocks = rows.div_ceil(AXPY_ROWS_PER_TASK);
     let part = n_tokens * cols;
     with_block_sums(n_blocks * part, |sums| {
         let block = |b: usize, p: &mut [f32]| {
-            let r0 = b * block_rows;
-            let r1 = (r0 + block_rows).min(rows);
+            let r0 = b * AXPY_ROWS_PER_TASK;
+            let r1 = (r0 + AXPY_ROWS_PER_TASK).min(rows);
             p.fill(0.0);
             kernel.run(&a[r0..], rows, n_tokens, w.row_range(r0, r1), p);
         };

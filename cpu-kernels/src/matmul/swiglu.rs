@@ -1,7 +1,7 @@
 //! The fused SwiGLU expert `out = downᵀᵀ · (silu(gate · x) ⊙ (up · x))`, for one expert or
 //! for the several experts of a MoE layer in one parallel loop.
 //!
-//! Fused per block of [`axpy_block_rows`] neurons: one task computes the gate and up rows
+//! Fused per block of [`AXPY_ROWS_PER_TASK`] neurons: one task computes the gate and up rows
 //! of its block for every token of its expert, applies SiLU·mul, and adds its block's rows
 //! of `downᵀ` into its own block sum, so it reads its part of the expert once, start to end,
 //! with no barrier between the projections. Block sums are then added to the expert's
@@ -18,8 +18,8 @@
 use std::ops::Range;
 
 use super::{
-    add_block_sums, axpy_block_rows, axpy_kernel, prep_for, prepare_acts, row_block, scalar_axpy, select,
-    with_block_sums, ActScratch, Acts, AxpyKernel, Kernel, MIN_PARALLEL_WORK, ROWS_PER_TASK,
+    add_block_sums, axpy_kernel, prep_for, prepare_acts, row_block, scalar_axpy, select, with_block_sums,
+    ActScratch, Acts, AxpyKernel, Kernel, AXPY_ROWS_PER_TASK, MIN_PARALLEL_WORK, ROWS_PER_TASK,
 };
 use crate::dispatch::Isa;
 use crate::moe::{ExpertRef, GateUpRef, EXPERTS_PER_LOOP};
@@ -95,7 +95,7 @@ fn fused_loop(
     out: &mut [f32],
 ) {
     let (ffn, hidden) = (group[0].0.ffn(), group[0].0.hidden());
-    let n_blocks = ffn.div_ceil(axpy_block_rows(ffn));
+    let n_blocks = ffn.div_ceil(AXPY_ROWS_PER_TASK);
     let kernel = select(isa);
     let act_base = SyncPtr(act.as_mut_ptr());
     with_expert_acts(isa, x, group, |acts| {
@@ -219,9 +219,8 @@ impl Job<'_> {
     /// but this job's tasks touches during the loop; each block runs once.
     unsafe fn block(&self, kernel: Kernel, axpy: AxpyKernel, b: usize, p: &mut [f32]) {
         let (ffn, n_tokens, x) = (self.ffn, self.rows.1 - self.rows.0, self.acts);
-        let block_rows = axpy_block_rows(ffn);
-        let j0 = b * block_rows;
-        let j1 = (j0 + block_rows).min(ffn);
+        let j0 = b * AXPY_ROWS_PER_TASK;
+        let j1 = (j0 + AXPY_ROWS_PER_TASK).min(ffn);
         let down_t = self.expert.down_t();
         // SAFETY: g and u are [n_tokens, ffn] (caller), distinct, and blocks are disjoint,
         // so this task alone writes and then reads columns j0..j1 of each; seen as one
