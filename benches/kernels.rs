@@ -18,7 +18,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::{bf16, f16};
 use hetmoe_cpu_kernels::bandwidth::parallel_read_sum;
 use hetmoe_cpu_kernels::matmul::{matmul, MatRef, WeightsRef};
-use hetmoe_cpu_kernels::moe::{expert_swiglu, ExpertRef};
+use hetmoe_cpu_kernels::moe::{expert_swiglu, experts_swiglu, ExpertRef};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
 use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
 
@@ -181,6 +181,27 @@ fn bench_experts(
             })
         });
     }
+    // A decode step of a top-2 model: one token to each of two experts, both in one
+    // parallel loop (`experts_swiglu`), as the engine runs them.
+    let x = pseudo_random(2 * HIDDEN, 5);
+    let mut act = vec![0f32; 2 * 2 * FFN];
+    let mut out = vec![0f32; 2 * HIDDEN];
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g.bench_function(format!("{}_top2_one_loop", dt.name()), |b| {
+        b.iter(|| {
+            for pair in views.chunks(2) {
+                let jobs: [(ExpertRef<'_>, std::ops::Range<usize>); 2] =
+                    std::array::from_fn(|i| (pair[i.min(pair.len() - 1)], i..i + 1));
+                experts_swiglu(
+                    &x[..pair.len() * HIDDEN],
+                    &jobs[..pair.len()],
+                    &mut act,
+                    &mut out[..pair.len() * HIDDEN],
+                );
+            }
+            black_box(&out);
+        })
+    });
 }
 
 fn expert(c: &mut Criterion) {
