@@ -156,7 +156,10 @@ pub(crate) fn forward(
         while i < experts.len() {
             let lo = offsets[experts[i]];
             let mut j = i + 1;
-            while j < experts.len() && offsets[experts[j] + 1] - lo <= ROWS_PER_SHARED_LOOP {
+            while j < experts.len()
+                && j - i < EXPERTS_PER_LOOP
+                && offsets[experts[j] + 1] - lo <= ROWS_PER_SHARED_LOOP
+            {
                 j += 1;
             }
             let hi = offsets[experts[j - 1] + 1];
