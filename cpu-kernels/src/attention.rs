@@ -112,6 +112,22 @@ pub fn causal_attention_with(
         let need = s.n_heads * span;
         let run = |buf: &mut [f32]| {
             let rows = SyncPtr(buf.as_mut_ptr());
+            if s.n_kv_heads >= crate::parallel::current_threads() {
+                // A KV head per thread or more: one item per KV head takes its query heads
+                // together ([`block`]: each key and value row read once for all of them,
+                // four dot products per key load; the same bits as a head at a time).
+                crate::parallel::for_each(s.n_kv_heads, |g| {
+                    // SAFETY: `buf` holds n_heads rows of span and KV head g's query heads
+                    // are rows g·group .. (g + 1)·group, this item's alone; the item writes
+                    // only those heads' rows of `out` (asserted shape, exclusive borrow).
+                    unsafe {
+                        let scores =
+                            std::slice::from_raw_parts_mut(rows.ptr().add(g * group * span), group * span);
+                        block(simd, &shape, q, k, v, 0, 1, g, scores, out_ptr)
+                    }
+                });
+                return;
+            }
             crate::parallel::for_each(s.n_heads, |h| {
                 // SAFETY: `out` has n_heads rows of hd (asserted) and `buf` n_heads rows of
                 // span; both are exclusively borrowed for the loop and each head runs once,
@@ -150,9 +166,12 @@ pub fn causal_attention_with(
         let i0 = b * QUERY_BLOCK;
         let i1 = (i0 + QUERY_BLOCK).min(n_q);
         SCORES.with(|scores| {
+            let mut scores = scores.borrow_mut();
+            scores.clear();
+            scores.resize((i1 - i0) * group * shape.span(i0, i1), 0.0);
             // SAFETY: this item alone writes the rows of queries i0..i1, heads of group g
             // (disjoint across items), inside `out` (asserted shape, exclusive borrow).
-            unsafe { block(simd, &shape, q, k, v, i0, i1, g, &mut scores.borrow_mut(), out_ptr) }
+            unsafe { block(simd, &shape, q, k, v, i0, i1, g, &mut scores, out_ptr) }
         });
     });
 }
@@ -175,11 +194,18 @@ impl Layout {
         let p = self.pos0 + i;
         (self.s.window.map_or(0, |w| (p + 1).saturating_sub(w)), p)
     }
+
+    /// Keys visible to any of queries `i0..i1`: how many score columns their rows need.
+    fn span(&self, i0: usize, i1: usize) -> usize {
+        self.visible(i1 - 1).1 + 1 - self.visible(i0).0
+    }
 }
 
 /// Queries `i0..i1` × the heads of KV head `g`: the same dot products, softmax and value
 /// sums, in the same order per output, as [`head`] (so bit-identical to it), looping over
 /// keys outside and rows inside.
+///
+/// `scores` is scratch of at least `(i1 − i0) · group · span` floats ([`Layout::span`]).
 ///
 /// # Safety
 /// `out` points to `[n_q, n_heads · head_dim]` floats of which this call alone writes the
@@ -194,7 +220,7 @@ unsafe fn block(
     i0: usize,
     i1: usize,
     g: usize,
-    scores: &mut Vec<f32>,
+    scores: &mut [f32],
     out: SyncPtr,
 ) {
     let hd = l.s.head_dim;
@@ -203,18 +229,23 @@ unsafe fn block(
     let (_, p_max) = l.visible(i1 - 1);
     let span = p_max + 1 - lo_min;
     let rows = (i1 - i0) * l.group;
-    scores.clear();
-    scores.resize(rows * span, 0.0);
+    let scores = &mut scores[..rows * span];
     // Row r = (i - i0) · group + (h - g · group).
     let q_row = |r: usize| {
         let (i, h) = (i0 + r / l.group, g * l.group + r % l.group);
         &q[i * l.q_stride + h * hd..][..hd]
     };
+    // Keys every row sees: from the last query's first key to the first query's last.
+    let (all_lo, all_hi) = (l.visible(i1 - 1).0, l.visible(i0).1);
     for j in lo_min..=p_max {
         let at = j * l.kv_stride + off;
-        // Rows are in query order, so the rows that see key j are one run r_lo..rows.
-        let r_lo = (0..rows).find(|&r| l.visible(i0 + r / l.group).1 >= j).unwrap_or(rows);
-        let r_hi = (r_lo..rows).find(|&r| l.visible(i0 + r / l.group).0 > j).unwrap_or(rows);
+        // Rows are in query order, so the rows that see key j are one run r_lo..r_hi.
+        let (r_lo, r_hi) = if (all_lo..=all_hi).contains(&j) {
+            (0, rows)
+        } else {
+            let r_lo = (0..rows).find(|&r| l.visible(i0 + r / l.group).1 >= j).unwrap_or(rows);
+            (r_lo, (r_lo..rows).find(|&r| l.visible(i0 + r / l.group).0 > j).unwrap_or(rows))
+        };
         let mut r = r_lo;
         #[cfg(target_arch = "x86_64")]
         if simd {
@@ -247,17 +278,9 @@ unsafe fn block(
     };
     for r in 0..rows {
         let (lo, p) = l.visible(i0 + r / l.group);
-        softmax_inplace(&mut scores[r * span + lo - lo_min..r * span + p + 1 - lo_min]);
-        out_row(r).fill(0.0);
-    }
-    for j in lo_min..=p_max {
-        let at = j * l.kv_stride + off;
-        for r in 0..rows {
-            let (lo, p) = l.visible(i0 + r / l.group);
-            if (lo..=p).contains(&j) {
-                axpy(simd, scores[r * span + j - lo_min], v, at, out_row(r));
-            }
-        }
+        let w = &mut scores[r * span + lo - lo_min..r * span + p + 1 - lo_min];
+        softmax_inplace(w);
+        weighted_sum(simd, w, v, lo * l.kv_stride + off, l.kv_stride, out_row(r));
     }
 }
 
@@ -294,9 +317,38 @@ fn head(
         *sc = dot(simd, qh, k, at) * l.s.scale;
     }
     softmax_inplace(scores);
+    weighted_sum(simd, scores, v, lo * l.kv_stride + off, l.kv_stride, o);
+}
+
+/// `o = Σ_j w[j] · kv[at + j · stride ..][..o.len()]`: from zero, `o[c] += w[j] · kv[c]`
+/// for j ascending, one FMA per term with SIMD (the scalar path multiplies and adds). The
+/// SIMD path holds `o` in registers across the keys, 64 columns at a time.
+fn weighted_sum(simd: bool, w: &[f32], kv: KvRef<'_>, at: usize, stride: usize, o: &mut [f32]) {
+    let n = o.len();
+    if w.is_empty() {
+        o.fill(0.0);
+        return;
+    }
+    let end = at + (w.len() - 1) * stride + n;
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: simd is only set for AVX2/AVX-512 ISAs, checked supported by the caller;
+        // the slices hold every row read (`end` above).
+        unsafe {
+            match kv {
+                KvRef::F32(kv) => x86::weighted_sum(w, &kv[at..end], stride, o, |p: *const f32| {
+                    x86::f32x8(std::slice::from_raw_parts(p, 8))
+                }),
+                KvRef::Bf16(kv) => x86::weighted_sum(w, &kv[at..end], stride, o, |p: *const bf16| {
+                    x86::bf16x8(std::slice::from_raw_parts(p, 8))
+                }),
+            }
+        }
+        return;
+    }
     o.fill(0.0);
-    for (j, &pj) in (lo..=p).zip(scores.iter()) {
-        axpy(simd, pj, v, j * l.kv_stride + off, o);
+    for (j, &pj) in w.iter().enumerate() {
+        axpy(false, pj, kv, at + j * stride, o);
     }
 }
 
@@ -484,6 +536,79 @@ mod x86 {
         }
     }
 
+    /// `o[c] = Σ_j w[j] · kv[j · stride + c]`, j ascending, one FMA per term from zero:
+    /// the sums of [`axpy_f32`] over the keys, bit for bit, with `o` in registers (eight
+    /// vectors, 64 columns, at a time); `load` reads 8 values as f32.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; `kv` holds `(w.len() − 1) · stride + o.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted_sum<T: Copy + Into<f32>>(
+        w: &[f32],
+        kv: &[T],
+        stride: usize,
+        o: &mut [f32],
+        load: impl Fn(*const T) -> __m256,
+    ) {
+        let n = o.len();
+        assert!(!w.is_empty() && kv.len() >= (w.len() - 1) * stride + n);
+        let full = n / 8 * 8;
+        let mut c0 = 0;
+        while c0 < full {
+            // SAFETY: columns c0 .. c0 + 8·V are inside every row (c0 + 8·V <= full <= n).
+            unsafe {
+                match (full - c0) / 8 {
+                    1 => columns::<T, 1>(w, kv, stride, o, c0, &load),
+                    2 => columns::<T, 2>(w, kv, stride, o, c0, &load),
+                    3 => columns::<T, 3>(w, kv, stride, o, c0, &load),
+                    4 => columns::<T, 4>(w, kv, stride, o, c0, &load),
+                    5 => columns::<T, 5>(w, kv, stride, o, c0, &load),
+                    6 => columns::<T, 6>(w, kv, stride, o, c0, &load),
+                    7 => columns::<T, 7>(w, kv, stride, o, c0, &load),
+                    _ => columns::<T, 8>(w, kv, stride, o, c0, &load),
+                }
+            }
+            c0 += 8 * ((full - c0) / 8).min(8);
+        }
+        for (c, oc) in o.iter_mut().enumerate().skip(full) {
+            let mut acc = 0f32;
+            for (j, &p) in w.iter().enumerate() {
+                acc = p.mul_add(kv[j * stride + c].into(), acc);
+            }
+            *oc = acc;
+        }
+    }
+
+    /// Columns `c0 .. c0 + 8·V` of [`weighted_sum`].
+    ///
+    /// # Safety
+    /// As [`weighted_sum`], and those columns lie inside `o` and every row.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn columns<T: Copy, const V: usize>(
+        w: &[f32],
+        kv: &[T],
+        stride: usize,
+        o: &mut [f32],
+        c0: usize,
+        load: &impl Fn(*const T) -> __m256,
+    ) {
+        let mut acc = [_mm256_setzero_ps(); V];
+        for (j, &p) in w.iter().enumerate() {
+            let pv = _mm256_set1_ps(p);
+            // SAFETY: row j's columns c0 .. c0 + 8·V are inside `kv` (caller).
+            let row = unsafe { kv.as_ptr().add(j * stride + c0) };
+            for (a, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: as above.
+                *acc = _mm256_fmadd_ps(pv, load(unsafe { row.add(8 * a) }), *acc);
+            }
+        }
+        for (a, acc) in acc.iter().enumerate() {
+            // SAFETY: o holds columns c0 .. c0 + 8·V (caller).
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(c0 + 8 * a), *acc) };
+        }
+    }
+
     /// As [`axpy_f32`] with bf16 values.
     ///
     /// # Safety
@@ -521,6 +646,32 @@ mod tests {
         (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
     }
 
+    /// The register-held weighted sum gives the bits of one `axpy` per key from zero.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn weighted_sum_is_the_axpy_sequence() {
+        if !Isa::Avx2.is_supported() {
+            eprintln!("skipped: no AVX2");
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for (keys, n, extra) in [(1, 8, 0), (5, 7, 3), (9, 17, 0), (33, 64, 8), (4, 72, 0), (3, 130, 5)] {
+            let stride = n + extra;
+            let w = rand_vec(&mut rng, keys);
+            let kv = rand_vec(&mut rng, (keys - 1) * stride + n);
+            let kb: Vec<bf16> = kv.iter().map(|&a| bf16::from_f32(a)).collect();
+            for (kr, name) in [(KvRef::F32(&kv), "f32"), (KvRef::Bf16(&kb), "bf16")] {
+                let mut want = vec![0f32; n];
+                for (j, &p) in w.iter().enumerate() {
+                    axpy(true, p, kr, j * stride, &mut want);
+                }
+                let mut got = vec![f32::NAN; n];
+                weighted_sum(true, &w, kr, 0, stride, &mut got);
+                assert_eq!(got, want, "{name} keys {keys} n {n} stride {stride}");
+            }
+        }
+    }
+
     #[test]
     fn simd_matches_scalar_and_prefill_matches_decode() {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
@@ -545,11 +696,22 @@ mod tests {
                     for (a, b) in all.iter().zip(&want) {
                         assert!((a - b).abs() <= ATTN_REL_TOL, "{isa:?}: {a} vs {b}");
                     }
-                    // Decode one position at a time gives the same bits as prefill.
-                    for p in 0..n_kv {
-                        let mut one = vec![0f32; qd];
-                        causal_attention_with(isa, s, &q[p * qd..(p + 1) * qd], kr, vr, p, &mut one);
-                        assert_eq!(one, all[p * qd..(p + 1) * qd], "{isa:?} position {p}");
+                    // Decode one position at a time gives the same bits as prefill, with
+                    // the KV heads' query heads together (as many threads as KV heads or
+                    // fewer) or a head at a time (more threads).
+                    for threads in [1, 8] {
+                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                        for p in 0..n_kv {
+                            let mut one = vec![0f32; qd];
+                            pool.install(|| {
+                                causal_attention_with(isa, s, &q[p * qd..(p + 1) * qd], kr, vr, p, &mut one)
+                            });
+                            assert_eq!(
+                                one,
+                                all[p * qd..(p + 1) * qd],
+                                "{isa:?} position {p} threads {threads}"
+                            );
+                        }
                     }
                     // So does a later chunk of queries (a prompt continued after a prefill).
                     let p0 = 10;
