@@ -5,7 +5,7 @@
 //! (each matvec, each expert) separated by microseconds of serial work. Rayon's idle
 //! workers go to sleep after a few dozen yields, so nearly every loop paid a futex wake-up
 //! (tens of microseconds in a VM; measured ~50 context switches per token). A team's
-//! workers spin between loops for [`SPIN`] before parking, and the calling thread takes
+//! workers spin between loops for `SPIN` before parking, and the calling thread takes
 //! part in the work. Which thread runs an item never changes its result (kernels compute
 //! each output in one item). A loop publishes its job through atomics (no lock, no
 //! allocation); workers only take a mutex to park.

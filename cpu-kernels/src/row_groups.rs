@@ -4,7 +4,7 @@
 //! The same weights as [`BlockQ8`] / [`BlockQ4`] rows (blocks of 32 along a row, one f16
 //! scale each), laid out so the product runs on integer dot products: per group of
 //! [`GROUP_ROWS`] rows and block of 32 columns, the four activations times their rows' block
-//! scales are quantized together to 8 bits (`a[j]·d[j, b] ≈ s · ã[j]`, [`prep_block`]), and
+//! scales are quantized together to 8 bits (`a[j]·d[j, b] ≈ s · ã[j]`, `prep_block`), and
 //! each column's four weights sit in four adjacent bytes, so one `vpdpbusd` lane (AVX2:
 //! `pmaddubsw` + `pmaddwd`) sums `Σ_k ã[k] · q[k, c]` exactly; then `y[c] = fma(s, sum, y[c])`.
 //! Dequantizing every weight to f32 instead made the quantized `axpy` instruction-bound

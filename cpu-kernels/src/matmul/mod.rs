@@ -731,7 +731,7 @@ thread_local! {
 /// `[n_tokens, rows]` and `y`: `[n_tokens, cols]`.
 ///
 /// Scalar: one `y += a·w` pass per row j in ascending order (the oracle). SIMD: blocks of
-/// [`AXPY_ROWS_PER_TASK`] rows are summed from zero (FMA, j ascending) in parallel, then
+/// `AXPY_ROWS_PER_TASK` (128) rows are summed from zero (FMA, j ascending) in parallel, then
 /// added to `y` in block order; the order depends only on the ISA and `rows`, never on the
 /// batch or the thread count. Block sums live in a per-thread scratch buffer reused across
 /// calls (allocated on first use only).
