@@ -12,7 +12,9 @@
 //! Make the model with `make-model --preset mixtral-bench --out /tmp/mixtral-bench` and the
 //! store with `repack --model /tmp/mixtral-bench --out STORE`. Prints a summary on stderr
 //! and one JSON line on stdout; the in-memory figures are medians of `--repeat` runs (3),
-//! each run's figures in `prefill_tok_s_runs` / `decode_tok_s_runs`.
+//! each run's figures in `prefill_tok_s_runs` / `decode_tok_s_runs`. `--phases` also times
+//! each phase of the decode steps (`Sequence::profile_phases`): which part of a step is
+//! short of the roofline.
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -20,7 +22,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use hetmoe::{CacheConfig, Engine, EngineOptions, KvCacheDtype, LogitsMode, PolicyKind, WeightFormat};
+use hetmoe::{
+    CacheConfig, Engine, EngineOptions, KvCacheDtype, LogitsMode, PhaseTimes, PolicyKind, WeightFormat,
+};
 use rand::{Rng, SeedableRng};
 
 #[derive(Parser, Debug)]
@@ -66,6 +70,10 @@ struct Args {
     /// machines drift by ±10% within minutes, so one run says little.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Also time each phase of the decode steps (attention projections, attention, FFN,
+    /// lm_head): printed per step and added to the JSON line as `decode_phases_us`.
+    #[arg(long)]
+    phases: bool,
 }
 
 /// The median of `v` (the upper one of the middle two for an even count).
@@ -79,11 +87,13 @@ struct Run {
     prefill_tok_s: f64,
     decode_tok_s: f64,
     decode_steps: usize,
+    /// The decode steps' phase times, when asked for.
+    phases: Option<PhaseTimes>,
 }
 
 /// Prefill `prompt`, then `gen_len - 1` greedy decode steps, timed separately. The expert
 /// cache metrics are reset after the prefill, so they cover decode alone.
-fn run(engine: &Engine, prompt: &[u32], gen_len: usize) -> Result<Run> {
+fn run(engine: &Engine, prompt: &[u32], gen_len: usize, phases: bool) -> Result<Run> {
     let mut seq = engine.new_sequence();
     let t0 = Instant::now();
     let logits = engine.forward(&mut seq, prompt, LogitsMode::Last)?;
@@ -92,6 +102,7 @@ fn run(engine: &Engine, prompt: &[u32], gen_len: usize) -> Result<Run> {
     let argmax = |l: &[f32]| l.iter().enumerate().fold(0, |b, (i, &v)| if v > l[b] { i } else { b }) as u32;
     let mut next = argmax(&logits);
     let steps = gen_len.saturating_sub(1).max(1);
+    seq.profile_phases(phases);
     let t1 = Instant::now();
     for _ in 0..steps {
         let l = engine.forward(&mut seq, &[next], LogitsMode::Last)?;
@@ -102,6 +113,7 @@ fn run(engine: &Engine, prompt: &[u32], gen_len: usize) -> Result<Run> {
         prefill_tok_s: prompt.len() as f64 / prefill_s,
         decode_tok_s: steps as f64 / decode_s,
         decode_steps: steps,
+        phases: seq.phase_times().cloned(),
     })
 }
 
@@ -127,9 +139,10 @@ fn main() -> Result<()> {
     // Warm up with the same prompt length (as llama-bench does): page the weights in and
     // grow every buffer (scratch, block sums, KV cache) to its steady-state size, so the
     // timed prefill measures compute rather than first-touch page faults.
-    run(&engine, &prompt, 2)?;
-    let runs =
-        (0..args.repeat.max(1)).map(|_| run(&engine, &prompt, args.gen_len)).collect::<Result<Vec<_>>>()?;
+    run(&engine, &prompt, 2, false)?;
+    let runs = (0..args.repeat.max(1))
+        .map(|_| run(&engine, &prompt, args.gen_len, args.phases))
+        .collect::<Result<Vec<_>>>()?;
     let bw_after = probe();
     let mem_bw_gbs = bw_before.max(bw_after);
     let decode_all: Vec<f64> = runs.iter().map(|r| r.decode_tok_s).collect();
@@ -138,6 +151,7 @@ fn main() -> Result<()> {
         prefill_tok_s: median(&prefill_all),
         decode_tok_s: median(&decode_all),
         decode_steps: runs[0].decode_steps,
+        phases: None,
     };
     let bytes_per_token =
         (0..ram.decode_steps).map(|i| engine.decode_bytes_per_token(args.prompt_len + i) as f64).sum::<f64>()
@@ -180,6 +194,26 @@ fn main() -> Result<()> {
         "prefill_tok_s_runs": prefill_all,
         "decode_tok_s_runs": decode_all,
     });
+    if args.phases {
+        // Every timed run's decode steps together, per step.
+        let (mut sum, mut steps) = ([0f64; 6], 0u64);
+        for p in runs.iter().filter_map(|r| r.phases.as_ref()) {
+            let parts = [p.attention_projections, p.attention, p.ffn, p.lm_head, p.other(), p.total];
+            for (s, d) in sum.iter_mut().zip(parts) {
+                *s += d.as_secs_f64();
+            }
+            steps += p.steps;
+        }
+        let us = sum.map(|s| s * 1e6 / steps.max(1) as f64);
+        eprintln!(
+            "decode step {:.0} µs: attention projections {:.0}, attention {:.0}, FFN {:.0}, lm_head {:.0}, other {:.0}",
+            us[5], us[0], us[1], us[2], us[3], us[4]
+        );
+        summary["decode_phases_us"] = serde_json::json!({
+            "attention_projections": us[0], "attention": us[1], "ffn": us[2],
+            "lm_head": us[3], "other": us[4], "total": us[5],
+        });
+    }
 
     match args.offload.as_str() {
         "ram" => {}
@@ -197,8 +231,8 @@ fn main() -> Result<()> {
                 .with_window(args.window)
                 .with_loader_threads(args.loader_threads);
             let off = Engine::load_with_store(&args.model, options, store_path, cache)?;
-            run(&off, &prompt[..8.min(prompt.len())], 2)?;
-            let r = run(&off, &prompt, args.gen_len)?;
+            run(&off, &prompt[..8.min(prompt.len())], 2, false)?;
+            let r = run(&off, &prompt, args.gen_len, false)?;
             let m = off.expert_cache_metrics().context("no cache metrics")?;
             let missed_per_token = m.bytes_loaded as f64 / r.decode_steps as f64;
             let disk_gbs = disk.gbs();

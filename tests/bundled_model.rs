@@ -4,7 +4,7 @@
 
 mod common;
 
-use hetmoe::{Engine, EngineOptions, GenerateOptions, WeightFormat};
+use hetmoe::{Engine, EngineOptions, GenerateOptions, LogitsMode, WeightFormat};
 
 fn samples() -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(common::bundled_model().join("samples.json")).unwrap();
@@ -80,4 +80,38 @@ fn quantized_weights_stay_close_to_bf16() {
         eprintln!("{format}: top-1 agreement with bf16 {frac:.3} over {total} positions; logit error max {max_err:.3}, mean {mean_err:.4}");
         assert!(frac >= min_agree, "{format}: only {frac:.3} of greedy choices agree with bf16");
     }
+}
+
+/// Phase profiling counts every step, splits its time between the phases (each of which
+/// ran), and leaves the logits as they are.
+#[test]
+fn phase_times_cover_the_steps_and_change_nothing() {
+    let options = EngineOptions { threads: Some(2), ..Default::default() };
+    let engine = Engine::load(common::bundled_model(), options).unwrap();
+    let prompt = [1u32, 417, 1142, 1217];
+    let run = |profile: bool| {
+        let mut seq = engine.new_sequence();
+        seq.profile_phases(profile);
+        let mut logits = vec![engine.forward(&mut seq, &prompt, LogitsMode::Last).unwrap()];
+        for t in [5u32, 9, 300, 41, 7] {
+            logits.push(engine.forward(&mut seq, &[t], LogitsMode::Last).unwrap());
+        }
+        (logits, seq.phase_times().cloned())
+    };
+    let (plain, none) = run(false);
+    assert!(none.is_none(), "profiling is off by default");
+    let (profiled, times) = run(true);
+    assert_eq!(profiled, plain, "profiling changed the logits");
+    let t = times.unwrap();
+    assert_eq!(t.steps, 6);
+    for (name, d) in [
+        ("attention_projections", t.attention_projections),
+        ("attention", t.attention),
+        ("ffn", t.ffn),
+        ("lm_head", t.lm_head),
+    ] {
+        assert!(d > std::time::Duration::ZERO, "{name} not timed: {t:?}");
+    }
+    assert!(t.attention_projections + t.attention + t.ffn + t.lm_head <= t.total, "{t:?}");
+    assert_eq!(t.other(), t.total - (t.attention_projections + t.attention + t.ffn + t.lm_head));
 }

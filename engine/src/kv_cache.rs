@@ -4,6 +4,7 @@ use half::bf16;
 use hetmoe_cpu_kernels::attention::KvRef;
 use hetmoe_storage::ModelSpec;
 
+use crate::forward::PhaseTimes;
 use crate::scratch::Scratch;
 
 /// Element type of the KV cache.
@@ -126,6 +127,17 @@ impl Sequence {
             kv_dim: spec.attention.kv_dim(),
             scratch: Scratch::default(),
         }
+    }
+
+    /// Starts timing each phase of the forward passes this sequence leads (from zero), or
+    /// stops it. A few clock reads per layer; off by default.
+    pub fn profile_phases(&mut self, on: bool) {
+        self.scratch.profile = on.then(PhaseTimes::default);
+    }
+
+    /// The phase times since [`Sequence::profile_phases`] turned profiling on.
+    pub fn phase_times(&self) -> Option<&PhaseTimes> {
+        self.scratch.profile.as_ref()
     }
 
     /// Number of positions in the cache (the position of the next token).

@@ -27,7 +27,7 @@ mod weights;
 
 pub use engine::{Engine, EngineOptions};
 pub use error::{EngineError, EngineResult};
-pub use forward::{BatchItem, ForwardObserver, LogitsMode, Routing};
+pub use forward::{BatchItem, ForwardObserver, LogitsMode, PhaseTimes, Routing};
 pub use generate::{FinishReason, GenerateOptions, Generation};
 pub use hetmoe_offload::{CacheConfig, CacheMetrics, PolicyKind};
 pub use hetmoe_storage::{Architecture, ModelSpec};

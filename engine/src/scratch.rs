@@ -3,7 +3,7 @@
 
 use hetmoe_storage::{ExpertId, ExpertKey};
 
-use crate::forward::Routing;
+use crate::forward::{PhaseTimes, Routing};
 
 /// Zero-filled `&mut buf[..n]`, growing `buf` if needed.
 pub(crate) fn zeroed(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -55,4 +55,6 @@ pub(crate) struct Scratch {
     pub attn: AttnScratch,
     pub moe: MoeScratch,
     pub mlp_act: Vec<f32>,
+    /// Phase times, when the sequence profiles its steps.
+    pub profile: Option<PhaseTimes>,
 }

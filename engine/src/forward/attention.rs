@@ -8,6 +8,7 @@ use hetmoe_cpu_kernels::norm::rms_norm_inplace;
 use hetmoe_cpu_kernels::{matmul, rope};
 use hetmoe_storage::QkNorm;
 
+use super::phases::{timed, PhaseTimes};
 use super::BatchItem;
 use crate::engine::Model;
 use crate::scratch::{zeroed, AttnScratch};
@@ -32,6 +33,7 @@ pub(crate) fn forward(
     items: &mut [BatchItem<'_>],
     sc: &mut AttnScratch,
     out: &mut [f32],
+    profile: &mut Option<PhaseTimes>,
 ) {
     let spec = &model.spec;
     let a = &spec.attention;
@@ -42,7 +44,12 @@ pub(crate) fn forward(
     let k = zeroed(&mut sc.k, n * kvd); // [n, n_kv_heads * head_dim]
     let v = zeroed(&mut sc.v, n * kvd);
     // One parallel loop for the three (short matvecs in decode).
-    matmuls(xn, &mut [(w.q.mat(), &mut *q), (w.k.mat(), &mut *k), (w.v.mat(), &mut *v)]);
+    timed(
+        profile,
+        |p| &mut p.attention_projections,
+        || matmuls(xn, &mut [(w.q.mat(), &mut *q), (w.k.mat(), &mut *k), (w.v.mat(), &mut *v)]),
+    );
+    let core = std::time::Instant::now();
     add_bias(q, w.q_bias.as_ref());
     add_bias(k, w.k_bias.as_ref());
     add_bias(v, w.v_bias.as_ref());
@@ -104,6 +111,9 @@ pub(crate) fn forward(
         t0 += m;
     }
 
-    matmul(ctx, w.o.mat(), out);
+    if let Some(p) = profile {
+        p.attention += core.elapsed();
+    }
+    timed(profile, |p| &mut p.attention_projections, || matmul(ctx, w.o.mat(), out));
     add_bias(out, w.o_bias.as_ref());
 }

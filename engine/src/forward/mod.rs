@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod mlp;
 pub mod moe;
+mod phases;
 mod prefetch;
 
 use hetmoe_cpu_kernels::{matmul, norm::rms_norm};
@@ -19,6 +20,9 @@ use crate::scratch::{zeroed, Scratch};
 use crate::weights::FfnWeights;
 
 pub use moe::Routing;
+pub use phases::PhaseTimes;
+
+use phases::timed;
 
 /// One sequence of a batch and the tokens to feed it in this step.
 #[derive(Debug)]
@@ -76,7 +80,8 @@ pub(crate) fn forward(
     let n_tokens: usize = items.iter().map(|i| i.tokens.len()).sum();
 
     // [n_tokens, hidden]
-    let Scratch { x, xn, y, attn, moe: moe_sc, mlp_act } = sc;
+    let step_start = std::time::Instant::now();
+    let Scratch { x, xn, y, attn, moe: moe_sc, mlp_act, profile } = sc;
     let x = zeroed(x, n_tokens * h);
     let embed = w.embed.mat();
     for (row, &tok) in x.chunks_exact_mut(h).zip(items.iter().flat_map(|i| i.tokens.iter())) {
@@ -88,16 +93,25 @@ pub(crate) fn forward(
     let y = zeroed(y, n_tokens * h);
     for (l, layer) in w.layers.iter().enumerate() {
         rms_norm_rows(x, &layer.attn_norm, spec.rms_norm_eps, xn);
-        attention::forward(model, l, &layer.attn, xn, items, attn, y);
+        attention::forward(model, l, &layer.attn, xn, items, attn, y, profile);
         add_into(x, y);
 
         rms_norm_rows(x, &layer.ffn_norm, spec.rms_norm_eps, xn);
-        match &layer.ffn {
-            FfnWeights::Dense(m) => mlp::run_expert(xn, m.expert(), mlp_act, y),
-            FfnWeights::Moe(moe) => {
-                moe::forward(spec, l, moe, model.experts.as_ref(), xn, moe_sc, y)?;
-                obs.moe_block(l, xn, &moe_sc.routing, y);
-            }
+        timed(
+            profile,
+            |p| &mut p.ffn,
+            || -> EngineResult<()> {
+                match &layer.ffn {
+                    FfnWeights::Dense(m) => mlp::run_expert(xn, m.expert(), mlp_act, y),
+                    FfnWeights::Moe(moe) => {
+                        moe::forward(spec, l, moe, model.experts.as_ref(), xn, moe_sc, y)?
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        if let FfnWeights::Moe(_) = &layer.ffn {
+            obs.moe_block(l, xn, &moe_sc.routing, y);
         }
         add_into(x, y);
         obs.hidden_state(l + 1, x);
@@ -109,6 +123,7 @@ pub(crate) fn forward(
         item.seq.tokens.extend_from_slice(item.tokens);
     }
 
+    let lm_start = std::time::Instant::now();
     rms_norm_rows(x, &w.final_norm, spec.rms_norm_eps, xn);
     obs.final_hidden(xn);
 
@@ -126,6 +141,11 @@ pub(crate) fn forward(
         matmul(rows, lm_head, &mut logits);
         out.push(logits);
         start += n;
+    }
+    if let Some(p) = profile {
+        p.lm_head += lm_start.elapsed();
+        p.total += step_start.elapsed();
+        p.steps += 1;
     }
     Ok(out)
 }
