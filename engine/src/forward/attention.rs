@@ -49,7 +49,7 @@ pub(crate) fn forward(
         |p| &mut p.attention_projections,
         || matmuls(xn, &mut [(w.q.mat(), &mut *q), (w.k.mat(), &mut *k), (w.v.mat(), &mut *v)]),
     );
-    let core = std::time::Instant::now();
+    let core = profile.is_some().then(std::time::Instant::now);
     add_bias(q, w.q_bias.as_ref());
     add_bias(k, w.k_bias.as_ref());
     add_bias(v, w.v_bias.as_ref());
@@ -111,7 +111,7 @@ pub(crate) fn forward(
         t0 += m;
     }
 
-    if let Some(p) = profile {
+    if let (Some(p), Some(core)) = (profile.as_mut(), core) {
         p.attention += core.elapsed();
     }
     timed(profile, |p| &mut p.attention_projections, || matmul(ctx, w.o.mat(), out));

@@ -80,7 +80,7 @@ pub(crate) fn forward(
     let n_tokens: usize = items.iter().map(|i| i.tokens.len()).sum();
 
     // [n_tokens, hidden]
-    let step_start = std::time::Instant::now();
+    let step_start = sc.profile.is_some().then(std::time::Instant::now);
     let Scratch { x, xn, y, attn, moe: moe_sc, mlp_act, profile } = sc;
     let x = zeroed(x, n_tokens * h);
     let embed = w.embed.mat();
@@ -123,7 +123,7 @@ pub(crate) fn forward(
         item.seq.tokens.extend_from_slice(item.tokens);
     }
 
-    let lm_start = std::time::Instant::now();
+    let lm_start = profile.is_some().then(std::time::Instant::now);
     rms_norm_rows(x, &w.final_norm, spec.rms_norm_eps, xn);
     obs.final_hidden(xn);
 
@@ -142,7 +142,7 @@ pub(crate) fn forward(
         out.push(logits);
         start += n;
     }
-    if let Some(p) = profile {
+    if let (Some(p), Some(lm_start), Some(step_start)) = (profile.as_mut(), lm_start, step_start) {
         p.lm_head += lm_start.elapsed();
         p.total += step_start.elapsed();
         p.steps += 1;
