@@ -279,7 +279,7 @@ unsafe fn block(
     for r in 0..rows {
         let (lo, p) = l.visible(i0 + r / l.group);
         let w = &mut scores[r * span + lo - lo_min..r * span + p + 1 - lo_min];
-        softmax_inplace(w);
+        softmax(simd, w);
         weighted_sum(simd, w, v, lo * l.kv_stride + off, l.kv_stride, out_row(r));
     }
 }
@@ -316,8 +316,30 @@ fn head(
         let at = j * l.kv_stride + off;
         *sc = dot(simd, qh, k, at) * l.s.scale;
     }
-    softmax_inplace(scores);
+    softmax(simd, scores);
     weighted_sum(simd, scores, v, lo * l.kv_stride + off, l.kv_stride, o);
+}
+
+/// [`softmax_inplace`] over a row of scores, with SIMD the exponentials eight at a time
+/// ([`x86::exp`], within 2 ulp of `f32::exp`); the max, the sum (in order) and the division
+/// are the scalar function's. Decode and prefill both use this, so they give the same bits.
+fn softmax(simd: bool, x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            return;
+        }
+        // SAFETY: simd is only set for AVX2/AVX-512 ISAs, checked supported by the caller.
+        unsafe { x86::exp_shifted(x, max) };
+        let sum: f32 = x.iter().sum();
+        for v in x.iter_mut() {
+            *v /= sum;
+        }
+        return;
+    }
+    let _ = simd;
+    softmax_inplace(x);
 }
 
 /// `o = Σ_j w[j] · kv[at + j · stride ..][..o.len()]`: from zero, `o[c] += w[j] · kv[c]`
@@ -536,6 +558,66 @@ mod x86 {
         }
     }
 
+    /// `e^x` for 8 lanes (Cephes' single-precision polynomial: `x = n·ln 2 + r`, `e^r` of
+    /// degree 7 on |r| ≤ ln 2 / 2, times `2^n`), within 2 ulp of `f32::exp` for −87 ≤ x ≤ 88;
+    /// NaN stays NaN; x < −87.3 gives a tiny positive number or 0 instead of a denormal.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp(x: __m256) -> __m256 {
+        // max(lo, x) and min(hi, x) return x when x is NaN (the second operand).
+        let x = _mm256_min_ps(_mm256_set1_ps(88.0), _mm256_max_ps(_mm256_set1_ps(-87.336_55), x));
+        let n = _mm256_floor_ps(_mm256_fmadd_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+            _mm256_set1_ps(0.5),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        // 2^n through the exponent bits (n in −126 ..= 127 after the clamp).
+        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        )));
+        _mm256_mul_ps(y, pow2)
+    }
+
+    /// `x[i] = e^(x[i] − max)` ([`exp`], eight at a time; the tail through a zero-padded
+    /// vector).
+    ///
+    /// # Safety
+    /// AVX2 and FMA present.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_shifted(x: &mut [f32], max: f32) {
+        let m = _mm256_set1_ps(max);
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            // SAFETY: c holds 8 floats.
+            unsafe {
+                let v = exp(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
+                _mm256_storeu_ps(c.as_mut_ptr(), v);
+            }
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let mut buf = [0f32; 8];
+            buf[..rest.len()].copy_from_slice(rest);
+            // SAFETY: buf holds 8 floats.
+            unsafe {
+                let v = exp(_mm256_sub_ps(_mm256_loadu_ps(buf.as_ptr()), m));
+                _mm256_storeu_ps(buf.as_mut_ptr(), v);
+            }
+            rest.copy_from_slice(&buf[..rest.len()]);
+        }
+    }
+
     /// `o[c] = Σ_j w[j] · kv[j · stride + c]`, j ascending, one FMA per term from zero:
     /// the sums of [`axpy_f32`] over the keys, bit for bit, with `o` in registers (eight
     /// vectors, 64 columns, at a time); `load` reads 8 values as f32.
@@ -644,6 +726,37 @@ mod tests {
 
     fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
         (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    }
+
+    /// The SIMD exponential is within 2 ulp of `f32::exp` where softmax uses it, and keeps NaN.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_exp_matches_f32_exp() {
+        use std::arch::x86_64::*;
+        if !Isa::Avx2.is_supported() {
+            eprintln!("skipped: no AVX2");
+            return;
+        }
+        let mut worst = 0u32;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let xs: [f32; 8] = std::array::from_fn(|i| x + i as f32 * 0.001_37);
+            let mut got = [0f32; 8];
+            // SAFETY: AVX2 checked above; the arrays hold 8 floats.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), x86::exp(_mm256_loadu_ps(xs.as_ptr()))) };
+            for (g, &xi) in got.iter().zip(&xs) {
+                let want = xi.exp();
+                let ulps = (g.to_bits() as i64 - want.to_bits() as i64).unsigned_abs() as u32;
+                assert!(ulps <= 2, "exp({xi}) = {g}, want {want} ({ulps} ulp)");
+                worst = worst.max(ulps);
+            }
+            x += 0.0137 * 8.0 + 0.000_9;
+        }
+        let mut nan = [f32::NAN, 0.0, -1.0, 1.0, f32::NAN, 0.5, -0.5, 2.0];
+        // SAFETY: as above.
+        unsafe { x86::exp_shifted(&mut nan, 0.0) };
+        assert!(nan[0].is_nan() && nan[4].is_nan() && nan[1] == 1.0, "{nan:?}");
+        eprintln!("worst error {worst} ulp");
     }
 
     /// The register-held weighted sum gives the bits of one `axpy` per key from zero.
