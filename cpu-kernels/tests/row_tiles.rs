@@ -210,3 +210,47 @@ fn expert_over_tiled_gate_up_matches_rows() {
         }
     }
 }
+
+/// Software prefetches on or off (`dispatch::stream_prefetch`) change speed only: the tiled
+/// matmul and the grouped `axpy` of one token give the same bits either way. (Forcing the
+/// process-wide switch cannot disturb tests running beside this one: nothing reads it for
+/// anything but speed.)
+#[test]
+fn stream_prefetch_changes_no_bits() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let (rows, cols) = (70, 352);
+    let m = Quant::new(&mut rng, rows, cols);
+    let x = rand_vec(&mut rng, cols);
+    let a = rand_vec(&mut rng, rows);
+    let mut g8 = vec![0u8; GroupKind::Q8.matrix_bytes(rows, cols)];
+    let mut g4 = vec![0u8; GroupKind::Q4.matrix_bytes(rows, cols)];
+    group_q8_rows(&m.q8, rows, cols, &mut g8);
+    group_q4_rows(&m.q4, rows, cols, &mut g4);
+    let grouped = [
+        GroupedRef::new(GroupKind::Q8, &g8, rows, cols).unwrap(),
+        GroupedRef::new(GroupKind::Q4, &g4, rows, cols).unwrap(),
+    ];
+    let run = |isa: Isa| {
+        let mut out = Vec::new();
+        for kind in KINDS {
+            let mut y = vec![0f32; rows];
+            matmul_with(isa, &x, m.pair(kind).1, &mut y);
+            out.extend(bits(&y));
+        }
+        for g in grouped {
+            let mut y = vec![0.5f32; cols];
+            hetmoe_cpu_kernels::matmul::axpy_rows_with(isa, &a, g, &mut y);
+            out.extend(bits(&y));
+        }
+        out
+    };
+    let before = hetmoe_cpu_kernels::stream_prefetch();
+    for isa in isas() {
+        hetmoe_cpu_kernels::force_stream_prefetch(true);
+        let on = run(isa);
+        hetmoe_cpu_kernels::force_stream_prefetch(false);
+        let off = run(isa);
+        assert_eq!(on, off, "{}", isa.name());
+    }
+    hetmoe_cpu_kernels::force_stream_prefetch(before);
+}

@@ -29,8 +29,10 @@ const NR: usize = 4;
 const NT: usize = 4;
 
 /// Software prefetch distance in row tiles: the next tile's rows, at the column being read
-/// (measured with `kbench`, 1.5 GB sets: one tile ahead beat 2, 3 and 4 by 2–5% for the
-/// one-token matvec and ~15% for 8-token q8; no prefetch lost 15–20%).
+/// (measured with `kbench` on the Intel dev VM, 1.5 GB sets: one tile ahead beat 2, 3 and 4
+/// by 2–5% for the one-token matvec and ~15% for 8-token q8; no prefetch lost 15–20%). One
+/// token over q8 / q4 row tiles goes without where [`crate::dispatch::stream_prefetch`]
+/// says so (AMD).
 const PREFETCH_TILES: usize = 1;
 
 const DT_F32: u8 = 0;
@@ -527,15 +529,19 @@ unsafe fn qdot_q8_row_tile<const R: usize, const T: usize>(
         // inside the tile (caller); prefetches never fault.
         unsafe {
             let d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(scale_mask, tile.add(2 * u0) as *const i16));
-            prefetch(tile.wrapping_add(2 * u0 + pf));
+            if pf != 0 {
+                prefetch(tile.wrapping_add(2 * u0 + pf));
+            }
             for r in 0..R {
                 let p = quants.add(QK * (u0 + 4 * r));
                 wa[r] = _mm512_loadu_si512(p as *const __m512i);
                 wb[r] = _mm512_loadu_si512(p.add(64) as *const __m512i);
                 sa[r] = _mm512_permutexvar_ps(lo2[r], d);
                 sb[r] = _mm512_permutexvar_ps(hi2[r], d);
-                prefetch(p.wrapping_add(pf));
-                prefetch(p.wrapping_add(pf + 64));
+                if pf != 0 {
+                    prefetch(p.wrapping_add(pf));
+                    prefetch(p.wrapping_add(pf + 64));
+                }
             }
         }
         for t in 0..T {
@@ -667,14 +673,18 @@ unsafe fn qdot_q4_row_tile<const R: usize, const T: usize>(
         // inside the tile (caller); prefetches never fault.
         unsafe {
             let d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(scale_mask, tile.add(2 * u0) as *const i16));
-            prefetch(tile.wrapping_add(2 * u0 + pf));
+            if pf != 0 {
+                prefetch(tile.wrapping_add(2 * u0 + pf));
+            }
             for r in 0..R {
                 let p = quants.add(qb * (u0 + 4 * r));
                 let v = _mm512_loadu_si512(p as *const __m512i);
                 lo[r] = _mm512_and_si512(v, nib);
                 hi[r] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
                 sc[r] = _mm512_permutexvar_ps(spread[r], d);
-                prefetch(p.wrapping_add(pf));
+                if pf != 0 {
+                    prefetch(p.wrapping_add(pf));
+                }
             }
         }
         let lane = b / Q4_GROUP * g16;
@@ -769,7 +779,12 @@ unsafe fn row_tiles_vnni<const Q: u8>(
     let (base, block_bytes, _) = raw(&w);
     let nb = cols / QK;
     let g = cols / LANE;
-    let pf = PREFETCH_TILES * NR * nb * block_bytes;
+    // 0: no software prefetches (one token on a CPU whose stream prefetcher does better).
+    let pf = if n_tokens == 1 && !crate::dispatch::stream_prefetch() {
+        0
+    } else {
+        PREFETCH_TILES * NR * nb * block_bytes
+    };
     let (q, ns, ls) = (x.q.as_ptr(), x.neg_sums.as_ptr(), x.scales.as_ptr());
     macro_rules! run {
         ($r:literal, $t:literal, $r0:expr, $t0:expr) => {{

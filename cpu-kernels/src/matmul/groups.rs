@@ -56,7 +56,7 @@ pub(super) struct Pass {
     /// This token's row of `y` (`cols` values).
     pub y: *mut f32,
     /// Bytes from a unit to the one read [`PREFETCH_GROUPS`] groups later (a prefetch
-    /// distance).
+    /// distance), or 0: no software prefetches ([`crate::dispatch::stream_prefetch`]).
     pub prefetch: usize,
 }
 
@@ -148,7 +148,11 @@ impl<'a> Passes<'a> {
             b0,
             n,
             y: self.y.wrapping_add(t * cols),
-            prefetch: PREFETCH_GROUPS * gb,
+            prefetch: if self.n_tokens == 1 && !crate::dispatch::stream_prefetch() {
+                0
+            } else {
+                PREFETCH_GROUPS * gb
+            },
         })
     }
 }
@@ -196,7 +200,7 @@ macro_rules! grouped_axpy {
                         prep(pass.scales[gi], nb, pass.b0, pass.n, pass.act[gi], offset, &mut prepared[gi]);
                         // The scales of the group the unit prefetches aim at.
                         let mut off = 0;
-                        while off < scale_bytes {
+                        while pass.prefetch != 0 && off < scale_bytes {
                             prefetch(pass.scales[gi].wrapping_add(pass.prefetch + off));
                             off += 64;
                         }

@@ -109,12 +109,16 @@ unsafe fn unit<const Q: u8, const G: usize>(
         }
         for gi in 0..G {
             let u = units[gi];
-            prefetch(u.wrapping_add(pf));
+            if pf != 0 {
+                prefetch(u.wrapping_add(pf));
+            }
             let qa = _mm256_set1_epi32(p[gi].qa[i]);
             let s = _mm256_set1_ps(p[gi].s[i]);
             // Per 32-bit lane (one column) the exact Σ_k ã[k] · q[k, c].
             let sums: [__m256i; 4] = if Q == 0 {
-                prefetch(u.wrapping_add(pf + 64));
+                if pf != 0 {
+                    prefetch(u.wrapping_add(pf + 64));
+                }
                 // Signed weights: |q| · (ã · sign q), pairs at most 2 · 128 · 127 (no saturation).
                 std::array::from_fn(|v| {
                     let w = _mm256_loadu_si256(u.add(32 * v) as *const __m256i);

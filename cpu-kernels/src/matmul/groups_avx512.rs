@@ -95,9 +95,13 @@ unsafe fn unit<const Q: u8, const G: usize>(
         let (mut y0, mut y1) = (_mm512_loadu_ps(y), _mm512_loadu_ps(y.add(16)));
         for gi in 0..G {
             let u = units[gi];
-            prefetch(u.wrapping_add(pf));
+            if pf != 0 {
+                prefetch(u.wrapping_add(pf));
+            }
             let (w0, w1) = if Q == 0 {
-                prefetch(u.wrapping_add(pf + 64));
+                if pf != 0 {
+                    prefetch(u.wrapping_add(pf + 64));
+                }
                 let x80 = _mm512_set1_epi8(i8::MIN);
                 (
                     _mm512_xor_si512(_mm512_loadu_si512(u as *const __m512i), x80),
