@@ -176,6 +176,27 @@ pub fn causal_attention_with(
     });
 }
 
+/// Keys ahead whose rows the SIMD key and value loops ask the hardware for: the cache's rows
+/// are a stride of all KV heads apart, which the stream prefetchers follow poorly.
+const KV_PREFETCH: usize = 8;
+
+/// Software prefetch of the `n` values at `at` of `kv` (a hint: never faults, even past the
+/// end).
+#[cfg(target_arch = "x86_64")]
+fn prefetch_row(kv: KvRef<'_>, at: usize, n: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let (p, bytes) = match kv {
+        KvRef::F32(v) => (v.as_ptr().wrapping_add(at) as *const i8, 4 * n),
+        KvRef::Bf16(v) => (v.as_ptr().wrapping_add(at) as *const i8, 2 * n),
+    };
+    let mut b = 0;
+    while b < bytes {
+        // SAFETY: a prefetch is only a hint; it never dereferences or faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(b)) };
+        b += 64;
+    }
+}
+
 /// Queries per block of the several-query path.
 const QUERY_BLOCK: usize = 8;
 
@@ -249,6 +270,7 @@ unsafe fn block(
         let mut r = r_lo;
         #[cfg(target_arch = "x86_64")]
         if simd {
+            prefetch_row(k, at + KV_PREFETCH * l.kv_stride, hd);
             while r + 4 <= r_hi {
                 let qs = [q_row(r), q_row(r + 1), q_row(r + 2), q_row(r + 3)];
                 // SAFETY: simd implies AVX2 + FMA (checked by the caller); rows and the key
@@ -680,6 +702,13 @@ mod x86 {
             let pv = _mm256_set1_ps(p);
             // SAFETY: row j's columns c0 .. c0 + 8·V are inside `kv` (caller).
             let row = unsafe { kv.as_ptr().add(j * stride + c0) };
+            // A hint only (never faults): the row KV_PREFETCH keys ahead.
+            let ahead = row.wrapping_add(super::KV_PREFETCH * stride) as *const i8;
+            let mut b = 0;
+            while b < 8 * V * std::mem::size_of::<T>() {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(b));
+                b += 64;
+            }
             for (a, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: as above.
                 *acc = _mm256_fmadd_ps(pv, load(unsafe { row.add(8 * a) }), *acc);
