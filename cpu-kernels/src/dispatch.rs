@@ -137,43 +137,68 @@ pub fn force_isa(isa: Isa) -> Result<(), KernelError> {
     Ok(())
 }
 
-static STREAM_PREFETCH: AtomicU8 = AtomicU8::new(UNSET);
+static STREAMING: AtomicU8 = AtomicU8::new(UNSET);
 
-/// Whether one-token kernels that read their weights as one sequential stream (q8 / q4
-/// [row tiles](crate::row_tiles) and [row groups](crate::row_groups)) add software
-/// prefetches to the hardware's. Kernels over row-major weights (several short streams
-/// side by side) and several-token walks always issue theirs.
-///
-/// Forced by [`force_stream_prefetch`], else `HETMOE_STREAM_PREFETCH=0|1`, else off on AMD
-/// CPUs and on elsewhere. On the AMD Zen 4 dev VM (`kbench`, 1.5 GB sets, 2 threads) the
-/// tiled q4 matvec read 79–90% of the probe with them and 98–100% without: its L2 stream
-/// prefetcher keeps one sequential stream ahead by itself, and the software requests only
-/// compete with it. The Intel Xeon VM the kernels were first tuned on gained 15–20% from
-/// them, so other vendors keep them. Without them the row-major kernels lose 30–45% on both.
-pub fn stream_prefetch() -> bool {
-    match STREAM_PREFETCH.load(Ordering::Relaxed) {
-        0 => false,
-        1 => true,
-        _ => {
-            let on = match std::env::var("HETMOE_STREAM_PREFETCH").as_deref() {
-                Ok("0") => false,
-                Ok("1") => true,
-                Ok(other) => {
-                    eprintln!("hetmoe: HETMOE_STREAM_PREFETCH={other} is not 0 or 1; detecting");
-                    !cpu_is_amd()
-                }
-                Err(_) => !cpu_is_amd(),
-            };
-            STREAM_PREFETCH.store(on as u8, Ordering::Relaxed);
-            on
+/// How one-token kernels stream their weights from DRAM: a property of the CPU's hardware
+/// prefetchers, measured, that changes speed only (kernels give the same bits either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Streaming {
+    /// Software prefetches ahead of every walk, and row-major matrices two rows side by side
+    /// (q8 four). The Intel Xeon VM the kernels were first tuned on gained 15–20% from the
+    /// prefetches and 5–10% from two rows over four.
+    Prefetched,
+    /// One sequential stream per thread: dense row-major matrices one row at a time
+    /// (software prefetches 8 KiB ahead kept), q8 / q4 [row tiles](crate::row_tiles) and
+    /// [row groups](crate::row_groups) without software prefetches. On the AMD Zen 4 dev VM
+    /// (`kbench`, 1.5 GB sets, 2 threads): tiled q4 matvec 79–90% of the read probe →
+    /// 90–100%, bf16 matvec 79–88% → 89%. Its L2 stream prefetcher keeps one sequential
+    /// stream ahead by itself; interleaved rows or software requests only get in its way.
+    Sequential,
+}
+
+impl Streaming {
+    pub fn name(self) -> &'static str {
+        match self {
+            Streaming::Prefetched => "prefetched",
+            Streaming::Sequential => "sequential",
+        }
+    }
+
+    /// Sequential on AMD CPUs, prefetched elsewhere.
+    pub fn detect() -> Streaming {
+        if cpu_is_amd() {
+            Streaming::Sequential
+        } else {
+            Streaming::Prefetched
         }
     }
 }
 
-/// Sets [`stream_prefetch`] (process-wide), for tests and measurements. It changes speed
-/// only: kernels give the same bits either way.
-pub fn force_stream_prefetch(on: bool) {
-    STREAM_PREFETCH.store(on as u8, Ordering::Relaxed);
+/// The [`Streaming`] kernels use now: forced by [`force_streaming`], else
+/// `HETMOE_STREAMING=prefetched|sequential`, else [`Streaming::detect`].
+pub fn streaming() -> Streaming {
+    match STREAMING.load(Ordering::Relaxed) {
+        0 => Streaming::Prefetched,
+        1 => Streaming::Sequential,
+        _ => {
+            let s = match std::env::var("HETMOE_STREAMING").as_deref() {
+                Ok("prefetched") => Streaming::Prefetched,
+                Ok("sequential") => Streaming::Sequential,
+                Ok(other) => {
+                    eprintln!("hetmoe: HETMOE_STREAMING={other} is not prefetched or sequential; detecting");
+                    Streaming::detect()
+                }
+                Err(_) => Streaming::detect(),
+            };
+            force_streaming(s);
+            s
+        }
+    }
+}
+
+/// Sets [`streaming`] (process-wide), for tests and measurements.
+pub fn force_streaming(s: Streaming) {
+    STREAMING.store(s as u8, Ordering::Relaxed);
 }
 
 /// Whether CPUID's vendor string is AMD's.

@@ -29,6 +29,6 @@ pub mod row_tiles;
 pub mod softmax;
 pub mod topk;
 
-pub use dispatch::{active_isa, force_isa, force_stream_prefetch, stream_prefetch, Isa};
+pub use dispatch::{active_isa, force_isa, force_streaming, streaming, Isa, Streaming};
 pub use error::KernelError;
 pub use matmul::{axpy_rows, matmul, MatRef, WeightsRef};

@@ -10,7 +10,7 @@ use hetmoe_cpu_kernels::moe::{expert_swiglu_with, ExpertRef};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
 use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, GroupKind, GroupedRef};
 use hetmoe_cpu_kernels::row_tiles::{tile_q4_rows, tile_q8_rows, untile_q4_row, untile_q8_row, TileKind};
-use hetmoe_cpu_kernels::{Isa, KernelError};
+use hetmoe_cpu_kernels::{Isa, KernelError, Streaming};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -211,17 +211,19 @@ fn expert_over_tiled_gate_up_matches_rows() {
     }
 }
 
-/// Software prefetches on or off (`dispatch::stream_prefetch`) change speed only: the tiled
-/// matmul and the grouped `axpy` of one token give the same bits either way. (Forcing the
-/// process-wide switch cannot disturb tests running beside this one: nothing reads it for
-/// anything but speed.)
+/// Both [`Streaming`] modes give the same bits: the one-token matmul over row-major rows
+/// (two rows or one at a time), over row tiles (with or without software prefetches), and
+/// the grouped `axpy`. (Forcing the process-wide mode cannot disturb tests running beside
+/// this one: it changes only their speed.)
 #[test]
-fn stream_prefetch_changes_no_bits() {
+fn streaming_changes_no_bits() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let (rows, cols) = (70, 352);
+    let (rows, cols) = (71, 352);
     let m = Quant::new(&mut rng, rows, cols);
     let x = rand_vec(&mut rng, cols);
     let a = rand_vec(&mut rng, rows);
+    let wb: Vec<half::bf16> = rand_vec(&mut rng, rows * cols).into_iter().map(half::bf16::from_f32).collect();
+    let bf16 = MatRef::new(WeightsRef::Bf16(&wb), rows, cols).unwrap();
     let mut g8 = vec![0u8; GroupKind::Q8.matrix_bytes(rows, cols)];
     let mut g4 = vec![0u8; GroupKind::Q4.matrix_bytes(rows, cols)];
     group_q8_rows(&m.q8, rows, cols, &mut g8);
@@ -232,9 +234,13 @@ fn stream_prefetch_changes_no_bits() {
     ];
     let run = |isa: Isa| {
         let mut out = Vec::new();
-        for kind in KINDS {
+        let mats = KINDS.into_iter().flat_map(|k| {
+            let (a, b) = m.pair(k);
+            [a, b]
+        });
+        for w in mats.chain([bf16]) {
             let mut y = vec![0f32; rows];
-            matmul_with(isa, &x, m.pair(kind).1, &mut y);
+            matmul_with(isa, &x, w, &mut y);
             out.extend(bits(&y));
         }
         for g in grouped {
@@ -244,13 +250,13 @@ fn stream_prefetch_changes_no_bits() {
         }
         out
     };
-    let before = hetmoe_cpu_kernels::stream_prefetch();
+    let before = hetmoe_cpu_kernels::streaming();
     for isa in isas() {
-        hetmoe_cpu_kernels::force_stream_prefetch(true);
-        let on = run(isa);
-        hetmoe_cpu_kernels::force_stream_prefetch(false);
-        let off = run(isa);
-        assert_eq!(on, off, "{}", isa.name());
+        hetmoe_cpu_kernels::force_streaming(Streaming::Prefetched);
+        let prefetched = run(isa);
+        hetmoe_cpu_kernels::force_streaming(Streaming::Sequential);
+        let sequential = run(isa);
+        assert_eq!(prefetched, sequential, "{}", isa.name());
     }
-    hetmoe_cpu_kernels::force_stream_prefetch(before);
+    hetmoe_cpu_kernels::force_streaming(before);
 }

@@ -390,9 +390,12 @@ pub(super) unsafe fn tiles<const K: u8, const QUANT: bool>(
     // for the hardware prefetchers to ramp up on four interleaved streams). Dense rows get
     // one prefetch per 64 bytes; quantized rows one per block (measured faster than a
     // branch on line crossings).
-    let two_row = super::common::two_row_tiles(n_tokens, QUANT && K == Q_8);
-    let pf =
-        if two_row { super::common::one_token_prefetch(row_bytes) } else { PREFETCH_TILES * NR * row_bytes };
+    let one_token = super::common::one_token_rows(n_tokens, QUANT, K == Q_8);
+    let pf = if one_token.is_some() {
+        super::common::one_token_prefetch(row_bytes)
+    } else {
+        PREFETCH_TILES * NR * row_bytes
+    };
     let lut = super::f16_table().as_ptr();
     macro_rules! run {
         ($r:literal, $t:literal, $r0:expr, $t0:expr) => {{
@@ -428,8 +431,8 @@ pub(super) unsafe fn tiles<const K: u8, const QUANT: bool>(
             }
         }};
     }
-    if two_row {
-        super::common::two_row_walk!(run, rows);
+    if let Some(per) = one_token {
+        super::common::one_token_walk!(run, rows, per);
         return;
     }
     let rows_full = rows / NR * NR;

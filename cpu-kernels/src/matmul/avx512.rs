@@ -31,8 +31,8 @@ const NT: usize = 4;
 /// Software prefetch distance in row tiles: the next tile's rows, at the column being read
 /// (measured with `kbench` on the Intel dev VM, 1.5 GB sets: one tile ahead beat 2, 3 and 4
 /// by 2–5% for the one-token matvec and ~15% for 8-token q8; no prefetch lost 15–20%). One
-/// token over q8 / q4 row tiles goes without where [`crate::dispatch::stream_prefetch`]
-/// says so (AMD).
+/// token over q8 / q4 row tiles goes without with [`crate::dispatch::Streaming::Sequential`]
+/// (AMD).
 const PREFETCH_TILES: usize = 1;
 
 const DT_F32: u8 = 0;
@@ -780,7 +780,7 @@ unsafe fn row_tiles_vnni<const Q: u8>(
     let nb = cols / QK;
     let g = cols / LANE;
     // 0: no software prefetches (one token on a CPU whose stream prefetcher does better).
-    let pf = if n_tokens == 1 && !crate::dispatch::stream_prefetch() {
+    let pf = if n_tokens == 1 && crate::dispatch::streaming() == crate::dispatch::Streaming::Sequential {
         0
     } else {
         PREFETCH_TILES * NR * nb * block_bytes
@@ -856,9 +856,12 @@ unsafe fn tiles<const K: u8, const QUANT: bool>(
     // for the hardware prefetchers to ramp up on four interleaved streams). Dense rows get
     // one prefetch per 64 bytes; quantized rows one per block (measured faster than a
     // branch on line crossings).
-    let two_row = super::common::two_row_tiles(n_tokens, QUANT && K == Q_8);
-    let pf =
-        if two_row { super::common::one_token_prefetch(row_bytes) } else { PREFETCH_TILES * NR * row_bytes };
+    let one_token = super::common::one_token_rows(n_tokens, QUANT, K == Q_8);
+    let pf = if one_token.is_some() {
+        super::common::one_token_prefetch(row_bytes)
+    } else {
+        PREFETCH_TILES * NR * row_bytes
+    };
     macro_rules! run {
         ($r:literal, $t:literal, $r0:expr, $t0:expr) => {{
             // SAFETY: rows r0 .. r0 + R <= rows start at base + r · row_bytes and hold cols
@@ -893,8 +896,8 @@ unsafe fn tiles<const K: u8, const QUANT: bool>(
             }
         }};
     }
-    if two_row {
-        super::common::two_row_walk!(run, rows);
+    if let Some(per) = one_token {
+        super::common::one_token_walk!(run, rows, per);
         return;
     }
     let rows_full = rows / NR * NR;

@@ -547,16 +547,29 @@ macro_rules! simd_kernels {
 pub(super) use simd_kernels;
 
 /// One token's bf16 / f16 / f32 / q4 rows go two to a tile (fewer concurrent read streams
-/// per thread), prefetched this many bytes ahead (rounded up to whole rows). `kbench` (1.5 GB
+/// per thread; one with [`crate::dispatch::Streaming::Sequential`]), prefetched this many bytes ahead (rounded up to whole rows). `kbench` (1.5 GB
 /// sets, 2 threads) against four-row tiles one tile ahead: AVX-512 matvec bf16 +5–8 %, q4
 /// +8–10 %, q8 −2–5 % (so q8 keeps four rows: twice bf16's arithmetic per byte, and four rows
 /// share each activation load); AVX2 bf16 +13–16 %, q4 level. Same sums either way: a tile
 /// only groups rows, each dot product is computed alone.
 pub(super) const ONE_TOKEN_PREFETCH_BYTES: usize = 8192;
 
-/// Whether a matmul of `n_tokens` tokens walks its rows two to a tile ([`two_row_walk`]).
-pub(super) fn two_row_tiles(n_tokens: usize, q8: bool) -> bool {
-    n_tokens == 1 && !q8
+/// Rows per tile of a matmul of `n_tokens` tokens that walks its rows with
+/// [`one_token_walk`] (one token): two, or for dense rows one with
+/// [`Streaming::Sequential`]; `None`: the four-row tiles (several tokens, or q8).
+/// Quantized rows keep two (q4) or four (q8) rows either way: without VNNI, where the engine
+/// multiplies them, they are arithmetic-bound at 2 threads, and rows side by side share
+/// each activation load (one q4 row at a time measured 5% slower in decode, forced AVX2 on
+/// the Zen 4 VM).
+///
+/// [`Streaming::Sequential`]: crate::dispatch::Streaming::Sequential
+pub(super) fn one_token_rows(n_tokens: usize, quant: bool, q8: bool) -> Option<usize> {
+    use crate::dispatch::{streaming, Streaming};
+    match (n_tokens, quant, q8) {
+        (1, false, _) if streaming() == Streaming::Sequential => Some(1),
+        (1, _, false) => Some(2),
+        _ => None,
+    }
 }
 
 /// The prefetch distance of one-token walks (the two-row matvec, the one-row bf16 `axpy`):
@@ -565,19 +578,20 @@ pub(super) fn one_token_prefetch(row_bytes: usize) -> usize {
     ONE_TOKEN_PREFETCH_BYTES.div_ceil(row_bytes.max(1)) * row_bytes
 }
 
-/// The one-token walk of an ISA's `tiles`: `$run!(2, 1, r0, 0)` over rows two at a time,
-/// then `$run!(1, 1, r0, 0)` for an odd last row.
-macro_rules! two_row_walk {
-    ($run:ident, $rows:expr) => {{
+/// The one-token walk of an ISA's `tiles`: with `$per == 2`, `$run!(2, 1, r0, 0)` over rows
+/// two at a time, then `$run!(1, 1, r0, 0)` for an odd last row; with 1, every row alone.
+macro_rules! one_token_walk {
+    ($run:ident, $rows:expr, $per:expr) => {{
         let rows = $rows;
         let mut r0 = 0;
-        while r0 + 2 <= rows {
+        while $per == 2 && r0 + 2 <= rows {
             $run!(2, 1, r0, 0);
             r0 += 2;
         }
-        if r0 < rows {
+        while r0 < rows {
             $run!(1, 1, r0, 0);
+            r0 += 1;
         }
     }};
 }
-pub(super) use two_row_walk;
+pub(super) use one_token_walk;

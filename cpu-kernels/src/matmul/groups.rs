@@ -56,7 +56,7 @@ pub(super) struct Pass {
     /// This token's row of `y` (`cols` values).
     pub y: *mut f32,
     /// Bytes from a unit to the one read [`PREFETCH_GROUPS`] groups later (a prefetch
-    /// distance), or 0: no software prefetches ([`crate::dispatch::stream_prefetch`]).
+    /// distance), or 0: no software prefetches ([`crate::dispatch::Streaming::Sequential`]).
     pub prefetch: usize,
 }
 
@@ -148,7 +148,9 @@ impl<'a> Passes<'a> {
             b0,
             n,
             y: self.y.wrapping_add(t * cols),
-            prefetch: if self.n_tokens == 1 && !crate::dispatch::stream_prefetch() {
+            prefetch: if self.n_tokens == 1
+                && crate::dispatch::streaming() == crate::dispatch::Streaming::Sequential
+            {
                 0
             } else {
                 PREFETCH_GROUPS * gb
