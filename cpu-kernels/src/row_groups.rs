@@ -224,12 +224,18 @@ pub fn group_q4_rows(blocks: &[BlockQ4], rows: usize, cols: usize, out: &mut [u8
 
 /// Whether an engine should store its grouped matrices in pairs on this machine: where the
 /// active ISA has no row-tile kernel ([`crate::row_tiles::pays_off`]: AVX2, AVX-512 without
-/// VNNI). Pairs cut the `axpy`'s work per weight (`kcache`, one thread, L2: AVX2 +11–27%,
-/// AVX-512 +14–22%) and lift forced-AVX2 prefill on the 2-core VM (q8 +7–14%, q4 +2–9%,
-/// decode level); with AVX-512 VNNI the plain walk keeps up with DRAM at 2 threads and the
-/// paired one measured 1–4% slower for q8 decode, so groups stay plain there.
+/// VNNI), and with [`Streaming::Sequential`] (AMD). Pairs cut the `axpy`'s work per weight
+/// (`kcache`, one thread, L2: AVX2 +11–27%, AVX-512 +14–22%) and lift forced-AVX2 prefill on
+/// the 2-core Intel VM (q8 +7–14%, q4 +2–9%, decode level); they are also one stream where
+/// plain groups read two (units and scales). With AVX-512 VNNI on the Intel VM the plain walk
+/// kept up with DRAM at 2 threads and the paired one measured 1–4% slower for q8 decode, so
+/// groups stay plain there; on the AMD Zen 4 VM the expert with paired `downᵀ` read 3–4%
+/// more per second than with plain groups (`kbench` `ep` / `et`, five alternating rounds, q4
+/// 30.1 / 28.8 GB/s, q8 33.3 / 32.2).
+///
+/// [`Streaming::Sequential`]: crate::dispatch::Streaming::Sequential
 pub fn pairing_pays_off() -> bool {
-    !crate::row_tiles::pays_off()
+    !crate::row_tiles::pays_off() || crate::dispatch::streaming() == crate::dispatch::Streaming::Sequential
 }
 
 /// The plain grouped matrix `grouped` (`rows × cols`, kind `kind`) with its groups in pairs
