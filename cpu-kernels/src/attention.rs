@@ -535,15 +535,46 @@ mod x86 {
                 acc[r] = _mm256_fmadd_ps(a, kv, acc[r]);
             }
         }
-        let mut out = [0f32; 4];
+        let mut out = hsum4(acc);
         for r in 0..4 {
-            let mut s = hsum(acc[r]);
             for c in full..n {
-                s = q[r][c].mul_add(one(k[c]), s);
+                out[r] = q[r][c].mul_add(one(k[c]), out[r]);
             }
-            out[r] = s;
         }
         out
+    }
+
+    /// `[hsum(v[0]), …, hsum(v[3])]`, the same additions in the same order as [`hsum`]
+    /// (so the same bits), done for the four vectors together: their halves added in two
+    /// 256-bit adds, the second step in one, the last in one `hadd`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn hsum4(v: [__m256; 4]) -> [f32; 4] {
+        // [lo r | lo r+1] + [hi r | hi r+1]: lanes r·4 + i hold v[r][i] + v[r][i + 4].
+        let s01 = _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(v[0], v[1]),
+            _mm256_permute2f128_ps::<0x31>(v[0], v[1]),
+        );
+        let s23 = _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(v[2], v[3]),
+            _mm256_permute2f128_ps::<0x31>(v[2], v[3]),
+        );
+        // Per 128-bit lane (0: rows 0 and 2; 1: rows 1 and 3): [s0 + s2, s1 + s3] of each.
+        let t = _mm256_add_ps(
+            _mm256_shuffle_ps::<0b01_00_01_00>(s01, s23),
+            _mm256_shuffle_ps::<0b11_10_11_10>(s01, s23),
+        );
+        // [r0, r2, r0, r2 | r1, r3, r1, r3].
+        let h = _mm256_hadd_ps(t, t);
+        let (lo, hi) = (_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        let mut a = [0f32; 4];
+        let mut b = [0f32; 4];
+        // SAFETY: a and b hold four f32 each.
+        unsafe {
+            _mm_storeu_ps(a.as_mut_ptr(), lo);
+            _mm_storeu_ps(b.as_mut_ptr(), hi);
+        }
+        [a[0], b[0], a[1], b[1]]
     }
 
     /// Eight f32 values as a vector.
@@ -755,6 +786,30 @@ mod tests {
 
     fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
         (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    }
+
+    /// The four horizontal sums of `dot4` done together give the bits of one `hsum` each,
+    /// for values of mixed signs and magnitudes (where the order of additions shows).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn joint_horizontal_sums_are_the_single_ones() {
+        use std::arch::x86_64::*;
+        if !Isa::Avx2.is_supported() {
+            eprintln!("skipped: no AVX2");
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for _ in 0..2000 {
+            let lanes: [[f32; 8]; 4] = std::array::from_fn(|_| {
+                std::array::from_fn(|_| rng.gen_range(-1.0f32..1.0) * 10f32.powi(rng.gen_range(-6..7)))
+            });
+            // SAFETY: AVX2 checked above; each array holds eight f32.
+            let (joint, single) = unsafe {
+                let v: [__m256; 4] = std::array::from_fn(|r| _mm256_loadu_ps(lanes[r].as_ptr()));
+                (x86::hsum4(v), v.map(|x| crate::matmul::avx2_hsum(x)))
+            };
+            assert_eq!(joint.map(f32::to_bits), single.map(f32::to_bits), "{lanes:?}");
+        }
     }
 
     /// The SIMD exponential is within 2 ulp of `f32::exp` where softmax uses it, and keeps NaN.
