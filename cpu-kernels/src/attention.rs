@@ -197,6 +197,10 @@ fn prefetch_row(kv: KvRef<'_>, at: usize, n: usize) {
     }
 }
 
+/// Query rows of a [`block`] whose offsets it looks up instead of computing per key (a
+/// decode step has `group` rows; a prefill block `QUERY_BLOCK · group`).
+const ROW_OFFSETS: usize = 64;
+
 /// Queries per block of the several-query path.
 const QUERY_BLOCK: usize = 8;
 
@@ -251,15 +255,71 @@ unsafe fn block(
     let span = p_max + 1 - lo_min;
     let rows = (i1 - i0) * l.group;
     let scores = &mut scores[..rows * span];
-    // Row r = (i - i0) · group + (h - g · group).
-    let q_row = |r: usize| {
+    // Row r = (i - i0) · group + (h - g · group). Its offset in `q`, looked up for up to
+    // ROW_OFFSETS rows: computed per key, the two divisions cost more than the dot products.
+    let q_off = |r: usize| {
         let (i, h) = (i0 + r / l.group, g * l.group + r % l.group);
-        &q[i * l.q_stride + h * hd..][..hd]
+        i * l.q_stride + h * hd
+    };
+    let mut offsets = [0usize; ROW_OFFSETS];
+    let looked_up = rows <= ROW_OFFSETS;
+    if looked_up {
+        for (r, o) in offsets[..rows].iter_mut().enumerate() {
+            *o = q_off(r);
+        }
+    }
+    let q_row = |r: usize| {
+        let at = if looked_up { offsets[r] } else { q_off(r) };
+        &q[at..at + hd]
     };
     // Keys every row sees: from the last query's first key to the first query's last.
     let (all_lo, all_hi) = (l.visible(i1 - 1).0, l.visible(i0).1);
-    for j in lo_min..=p_max {
+    let mut j = lo_min;
+    while j <= p_max {
         let at = j * l.kv_stride + off;
+        // Two keys every row sees at once: each row's load shared by both, twice the
+        // independent FMA chains; each dot product keeps its own order (same bits).
+        #[cfg(target_arch = "x86_64")]
+        if simd && rows >= 4 && j < p_max && j >= all_lo && j < all_hi {
+            let at1 = at + l.kv_stride;
+            prefetch_row(k, at + KV_PREFETCH * l.kv_stride, hd);
+            prefetch_row(k, at1 + KV_PREFETCH * l.kv_stride, hd);
+            let mut r = 0;
+            while r + 4 <= rows {
+                let qs = [q_row(r), q_row(r + 1), q_row(r + 2), q_row(r + 3)];
+                // SAFETY: simd implies AVX2 + FMA (checked by the caller); rows and the key
+                // rows hold head_dim elements.
+                let d = unsafe {
+                    match k {
+                        KvRef::F32(kv) => x86::dot4x2(
+                            qs,
+                            [&kv[at..at + hd], &kv[at1..at1 + hd]],
+                            |p: &[f32]| x86::f32x8(p),
+                            |a| a,
+                        ),
+                        KvRef::Bf16(kv) => x86::dot4x2(
+                            qs,
+                            [&kv[at..at + hd], &kv[at1..at1 + hd]],
+                            |p: &[bf16]| x86::bf16x8(p),
+                            |a| a.to_f32(),
+                        ),
+                    }
+                };
+                let at_s = r * span + j - lo_min;
+                let s = &mut scores[at_s..=at_s + 3 * span + 1];
+                for (m, (d0, d1)) in d[0].into_iter().zip(d[1]).enumerate() {
+                    s[m * span] = d0 * l.s.scale;
+                    s[m * span + 1] = d1 * l.s.scale;
+                }
+                r += 4;
+            }
+            for r in r..rows {
+                scores[r * span + j - lo_min] = dot(simd, q_row(r), k, at) * l.s.scale;
+                scores[r * span + j + 1 - lo_min] = dot(simd, q_row(r), k, at1) * l.s.scale;
+            }
+            j += 2;
+            continue;
+        }
         // Rows are in query order, so the rows that see key j are one run r_lo..r_hi.
         let (r_lo, r_hi) = if (all_lo..=all_hi).contains(&j) {
             (0, rows)
@@ -283,8 +343,10 @@ unsafe fn block(
                         }
                     }
                 };
+                let at = r * span + j - lo_min;
+                let s = &mut scores[at..=at + 3 * span];
                 for (m, dm) in d.into_iter().enumerate() {
-                    scores[(r + m) * span + j - lo_min] = dm * l.s.scale;
+                    s[m * span] = dm * l.s.scale;
                 }
                 r += 4;
             }
@@ -292,6 +354,7 @@ unsafe fn block(
         for r in r..r_hi {
             scores[r * span + j - lo_min] = dot(simd, q_row(r), k, at) * l.s.scale;
         }
+        j += 1;
     }
     let out_row = |r: usize| {
         let (i, h) = (i0 + r / l.group, g * l.group + r % l.group);
@@ -539,6 +602,47 @@ mod x86 {
         for r in 0..4 {
             for c in full..n {
                 out[r] = q[r][c].mul_add(one(k[c]), out[r]);
+            }
+        }
+        out
+    }
+
+    /// [`dot4`] for two keys at once: each query chunk loaded once for both, eight
+    /// independent FMA chains; every dot product is [`dot4`]'s, term by term (same bits).
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; every row and both keys hold the same number of elements.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot4x2<K: Copy>(
+        q: [&[f32]; 4],
+        k: [&[K]; 2],
+        load: impl Fn(&[K]) -> __m256,
+        one: impl Fn(K) -> f32,
+    ) -> [[f32; 4]; 2] {
+        let n = k[0].len();
+        assert_eq!(k[1].len(), n);
+        for r in q {
+            assert_eq!(r.len(), n);
+        }
+        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+        let full = n / 8 * 8;
+        let mut c = 0;
+        while c < full {
+            let kv = [load(&k[0][c..c + 8]), load(&k[1][c..c + 8])];
+            for r in 0..4 {
+                // SAFETY: c + 8 <= n for every row.
+                let a = unsafe { _mm256_loadu_ps(q[r].as_ptr().add(c)) };
+                acc[0][r] = _mm256_fmadd_ps(a, kv[0], acc[0][r]);
+                acc[1][r] = _mm256_fmadd_ps(a, kv[1], acc[1][r]);
+            }
+            c += 8;
+        }
+        let mut out = [hsum4(acc[0]), hsum4(acc[1])];
+        for (o, kk) in out.iter_mut().zip(k) {
+            for r in 0..4 {
+                for c in full..n {
+                    o[r] = q[r][c].mul_add(one(kk[c]), o[r]);
+                }
             }
         }
         out
@@ -872,9 +976,14 @@ mod tests {
     #[test]
     fn simd_matches_scalar_and_prefill_matches_decode() {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
-        for (n_heads, n_kv_heads, hd, window) in
-            [(4, 2, 8, None), (4, 1, 17, None), (6, 3, 64, Some(5)), (2, 2, 7, None), (8, 4, 31, Some(3))]
-        {
+        for (n_heads, n_kv_heads, hd, window) in [
+            (4, 2, 8, None),
+            (4, 1, 17, None),
+            (6, 3, 64, Some(5)),
+            (2, 2, 7, None),
+            (8, 4, 31, Some(3)),
+            (12, 2, 16, None),
+        ] {
             let s =
                 AttentionShape { n_heads, n_kv_heads, head_dim: hd, scale: (hd as f32).powf(-0.5), window };
             let n_kv = 23;
