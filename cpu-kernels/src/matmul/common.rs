@@ -559,7 +559,7 @@ pub(super) const ONE_TOKEN_PREFETCH_BYTES: usize = 8192;
 /// [`Streaming::Sequential`]; `None`: the four-row tiles (several tokens, or q8).
 /// Quantized rows keep two (q4) or four (q8) rows either way: without VNNI, where the engine
 /// multiplies them, they are arithmetic-bound at 2 threads, and rows side by side share
-/// each activation load (one q4 row at a time measured 5% slower in decode, forced AVX2 on
+/// each activation load (one q4 row at a time measured about 7% slower in decode, forced AVX2 on
 /// the Zen 4 VM).
 ///
 /// [`Streaming::Sequential`]: crate::dispatch::Streaming::Sequential
