@@ -82,6 +82,8 @@ pub(super) struct Passes<'a> {
     t: usize,
     b0: usize,
     pass_groups: usize,
+    /// Whether the passes issue software prefetches ([`crate::dispatch::Streaming`]).
+    prefetch: bool,
 }
 
 impl<'a> Passes<'a> {
@@ -104,6 +106,7 @@ impl<'a> Passes<'a> {
             t: 0,
             b0: 0,
             pass_groups: pass_groups(n_tokens, w.is_paired()),
+            prefetch: n_tokens != 1 || crate::dispatch::streaming() == crate::dispatch::Streaming::Prefetched,
         }
     }
 
@@ -148,13 +151,7 @@ impl<'a> Passes<'a> {
             b0,
             n,
             y: self.y.wrapping_add(t * cols),
-            prefetch: if self.n_tokens == 1
-                && crate::dispatch::streaming() == crate::dispatch::Streaming::Sequential
-            {
-                0
-            } else {
-                PREFETCH_GROUPS * gb
-            },
+            prefetch: if self.prefetch { PREFETCH_GROUPS * gb } else { 0 },
         })
     }
 }
