@@ -28,6 +28,11 @@ const NR: usize = 4;
 /// Tokens per tile.
 const NT: usize = 2;
 
+/// Tokens × vectors of `y` the several-token `axpy` keeps in registers (8 accumulators,
+/// 2 weight vectors and a broadcast of the 16 registers).
+const AXPY_TG: usize = 4;
+const AXPY_CV: usize = 2;
+
 /// Software prefetch distance in row tiles: the next tile's rows, at the column being read
 /// (measured with `kbench`, 1.5 GB sets: one tile ahead beat 2, 3 and 4 by 2–5% for the
 /// one-token matvec and ~15% for 8-token q8; no prefetch lost 15–20%).

@@ -289,13 +289,17 @@ macro_rules! simd_kernels {
             let rows = w.rows;
             let (base, unit_bytes, unit_elems) = raw(&w);
             let row_bytes = w.stride / unit_elems * unit_bytes;
-            // Prefetch two row groups ahead (rows are short; bundled rows are not contiguous).
-            let pf = 2 * AXPY_ROWS * row_bytes;
+            // Several tokens take the rows in tiles of AXPY_TOKEN_ROWS (register-blocked over
+            // them, `apply_tile`), one token in groups of AXPY_ROWS.
+            let per = if n_tokens == 1 { AXPY_ROWS } else { AXPY_TOKEN_ROWS };
+            // Prefetch: two row groups ahead for one token (rows are short; bundled rows are not
+            // contiguous), the next row tile at the same columns for several.
+            let pf = if n_tokens == 1 { 2 * AXPY_ROWS } else { AXPY_TOKEN_ROWS } * row_bytes;
             let lut = super::f16_table().as_ptr();
             let mut j = 0;
             while j < rows {
-                let nj = AXPY_ROWS.min(rows - j);
-                let mut wp = [base; AXPY_ROWS];
+                let nj = per.min(rows - j);
+                let mut wp = [base; AXPY_TOKEN_ROWS];
                 for i in 0..nj {
                     // SAFETY: row j + i < rows lies inside the data (MatRef invariant).
                     wp[i] = unsafe { base.add((j + i) * row_bytes) };
@@ -422,12 +426,19 @@ macro_rules! simd_kernels {
             }
         }
 
-        /// Columns per tile of the several-token `axpy`: the rows' weights for one tile, as f32, stay
-        /// in L1 (`AXPY_ROWS` × this × 4 bytes) while every token's `y` row streams past them.
-        const AXPY_TILE: usize = 256;
+        /// Rows per tile of the several-token `axpy`: each output vector of a token stays in a
+        /// register over this many rows (one load and one store of `y` per tile, not per four
+        /// rows: `kcache` bf16 `axpy` n32 went from ~27 to ~45 GFMA/s, one Zen 4 core).
+        const AXPY_TOKEN_ROWS: usize = 32;
 
-        /// Applies `w_tile` (`wp.len()` rows of `n` f32 at stride [`AXPY_TILE`], columns `c..c + n`,
-        /// `n` a multiple of `LANES`) to every token: `y = fma(a_i, w_i, y)` for rows i in order.
+        /// Columns per tile of the several-token `axpy`: the tile's weights, as f32
+        /// (`AXPY_TOKEN_ROWS` × this × 4 bytes = 8 KB), stay in L1 while every token's `y`
+        /// columns pass through registers.
+        const AXPY_TILE: usize = 64;
+
+        /// Applies `w_tile` (`rows` rows of `n` f32 at stride [`AXPY_TILE`], columns `c..c + n`,
+        /// `n` a multiple of `LANES`) to every token: `y = fma(a_i, w_i, y)` for rows i in order,
+        /// [`AXPY_TG`] tokens × [`AXPY_CV`] vectors of `y` at a time in registers.
         ///
         /// # Safety
         /// `y` row t (at `t * y_stride`) holds columns `c..c + n`, exclusively ours; `a` holds
@@ -441,43 +452,104 @@ macro_rules! simd_kernels {
             j: usize,
             rows: usize,
             n_tokens: usize,
-            w_tile: &[f32; AXPY_ROWS * AXPY_TILE],
+            w_tile: &[f32; AXPY_TOKEN_ROWS * AXPY_TILE],
             c: usize,
             n: usize,
             y: *mut f32,
             y_stride: usize,
         ) {
-            // Four tokens at a time: each tile vector is loaded once for four `y` rows.
-            const TG: usize = 4;
+            debug_assert!(rows <= AXPY_TOKEN_ROWS && n <= AXPY_TILE && n.is_multiple_of(LANES));
+            let ap = a.as_ptr();
+            let wt = w_tile.as_ptr();
             let mut t0 = 0;
-            while t0 < n_tokens {
-                let tg = TG.min(n_tokens - t0);
-                let mut av = [[0f32; AXPY_ROWS]; TG];
-                for (g, row) in av.iter_mut().enumerate().take(tg) {
-                    let t = t0 + g;
-                    row[..rows].copy_from_slice(&a[t * a_stride + j..t * a_stride + j + rows]);
+            // SAFETY: tokens t0.. < n_tokens, rows j..j + rows of `a`, columns c..c + n of `y`
+            // and of the tile (caller contract), for every call below.
+            unsafe {
+                while t0 + AXPY_TG <= n_tokens {
+                    let (at, yt) = (ap.add(t0 * a_stride + j), y.add(t0 * y_stride + c));
+                    axpy_cols::<AXPY_TG>(at, a_stride, rows, wt, n, yt, y_stride);
+                    t0 += AXPY_TG;
                 }
-                // SAFETY: columns c..c + n of rows t0..t0 + tg (caller); tile reads stay below n
-                // per tile row.
-                unsafe {
-                    let mut k = 0;
-                    while k < n {
-                        let mut wv = [$setzero(); AXPY_ROWS];
-                        for (i, w) in wv.iter_mut().enumerate().take(rows) {
-                            *w = $load(w_tile.as_ptr().add(i * AXPY_TILE + k));
-                        }
-                        for (g, ag) in av.iter().enumerate().take(tg) {
-                            let yp = y.add((t0 + g) * y_stride + c + k);
-                            let mut yv = $load(yp);
-                            for i in 0..rows {
-                                yv = $fma($set1(ag[i]), wv[i], yv);
-                            }
-                            $store(yp, yv);
-                        }
-                        k += LANES;
+                while t0 < n_tokens {
+                    let (at, yt) = (ap.add(t0 * a_stride + j), y.add(t0 * y_stride + c));
+                    axpy_cols::<1>(at, a_stride, rows, wt, n, yt, y_stride);
+                    t0 += 1;
+                }
+            }
+        }
+
+        /// [`axpy_block`] of `TG` tokens over `n` columns (a multiple of `LANES`), [`AXPY_CV`]
+        /// vectors at a time.
+        ///
+        /// # Safety
+        /// As [`axpy_block`], for `n` columns.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn axpy_cols<const TG: usize>(
+            a: *const f32,
+            a_stride: usize,
+            rows: usize,
+            w: *const f32,
+            n: usize,
+            y: *mut f32,
+            y_stride: usize,
+        ) {
+            let mut k = 0;
+            // SAFETY: columns k.. < n (caller contract).
+            unsafe {
+                while k + AXPY_CV * LANES <= n {
+                    axpy_block::<TG, AXPY_CV>(a, a_stride, rows, w.add(k), y.add(k), y_stride);
+                    k += AXPY_CV * LANES;
+                }
+                while k < n {
+                    axpy_block::<TG, 1>(a, a_stride, rows, w.add(k), y.add(k), y_stride);
+                    k += LANES;
+                }
+            }
+        }
+
+        /// `TG` tokens × `CV` vectors of `y` (at `y`, rows `y_stride` apart) in registers:
+        /// `y = fma(a[g, i], w[i], y)` for rows `i < rows` in order (`a` row g at
+        /// `a + g · a_stride`, `w` row i at `w + i · AXPY_TILE`).
+        ///
+        /// # Safety
+        /// `a` rows hold `rows` values; `w` rows hold `CV · LANES` values; `y` rows hold
+        /// `CV · LANES` values, exclusively ours.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn axpy_block<const TG: usize, const CV: usize>(
+            a: *const f32,
+            a_stride: usize,
+            rows: usize,
+            w: *const f32,
+            y: *mut f32,
+            y_stride: usize,
+        ) {
+            // SAFETY: within the rows and columns of the contract.
+            unsafe {
+                let mut acc = [[$setzero(); CV]; TG];
+                for g in 0..TG {
+                    for v in 0..CV {
+                        acc[g][v] = $load(y.add(g * y_stride + v * LANES));
                     }
                 }
-                t0 += tg;
+                for i in 0..rows {
+                    let mut wv = [$setzero(); CV];
+                    for v in 0..CV {
+                        wv[v] = $load(w.add(i * AXPY_TILE + v * LANES));
+                    }
+                    for g in 0..TG {
+                        let b = $set1(*a.add(g * a_stride + i));
+                        for v in 0..CV {
+                            acc[g][v] = $fma(b, wv[v], acc[g][v]);
+                        }
+                    }
+                }
+                for g in 0..TG {
+                    for v in 0..CV {
+                        $store(y.add(g * y_stride + v * LANES), acc[g][v]);
+                    }
+                }
             }
         }
 
@@ -509,7 +581,7 @@ macro_rules! simd_kernels {
             // Columns converted per step: a block of quantized weights, a vector of dense ones.
             let step = if QUANT { QK } else { LANES };
             let end = c0 + (c1 - c0) / step * step;
-            let mut tile = [0f32; AXPY_ROWS * AXPY_TILE];
+            let mut tile = [0f32; AXPY_TOKEN_ROWS * AXPY_TILE];
             let mut c = c0;
             while c < end {
                 let n = AXPY_TILE.min(end - c);
