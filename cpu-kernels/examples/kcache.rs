@@ -89,6 +89,15 @@ fn main() {
                         }
                         let s = t.elapsed().as_secs_f64();
                         line += &format!(" {label} axpy n1: {:6.1}", (reps * rows * cols) as f64 / s / 1e9);
+                        for n in [8usize, 32] {
+                            let reps = 2000 / n;
+                            let t = Instant::now();
+                            for _ in 0..reps {
+                                axpy_rows_with(isa, &y[..n * rows], m, &mut o[..n * cols]);
+                            }
+                            let s = t.elapsed().as_secs_f64();
+                            line += &format!(" n{n}: {:6.1}", (reps * n * rows * cols) as f64 / s / 1e9);
+                        }
                     }
                 }
                 println!("{line}");

@@ -27,6 +27,8 @@ const LANES: usize = 8;
 const NR: usize = 4;
 /// Tokens per tile.
 const NT: usize = 2;
+/// Tokens per tile of bf16 rows (two rows a tile, see `tiles`).
+const BF16_NT: usize = 4;
 
 /// Tokens × vectors of `y` the several-token `axpy` keeps in registers (8 accumulators,
 /// 2 weight vectors and a broadcast of the 16 registers).
@@ -438,6 +440,43 @@ pub(super) unsafe fn tiles<const K: u8, const QUANT: bool>(
     }
     if let Some(per) = one_token {
         super::common::one_token_walk!(run, rows, per);
+        return;
+    }
+    if !QUANT && K == DT_BF16 {
+        // bf16 splits each chunk into odd and even halves: a 4 × 2 tile would need 18 of
+        // the 16 registers (8 sums, 8 weight halves, 2 activations) and spill; 2 × 4 needs
+        // 14 (each dot product is computed alone either way: same bits).
+        let rows_full = rows / 2 * 2;
+        let tok_full = n_tokens / BF16_NT * BF16_NT;
+        let mut r0 = 0;
+        while r0 < rows {
+            let mut t0 = 0;
+            if r0 < rows_full {
+                while t0 < tok_full {
+                    run!(2, 4, r0, t0);
+                    t0 += BF16_NT;
+                }
+                while t0 + 2 <= n_tokens {
+                    run!(2, 2, r0, t0);
+                    t0 += 2;
+                }
+                while t0 < n_tokens {
+                    run!(2, 1, r0, t0);
+                    t0 += 1;
+                }
+                r0 += 2;
+            } else {
+                while t0 < tok_full {
+                    run!(1, 4, r0, t0);
+                    t0 += BF16_NT;
+                }
+                while t0 < n_tokens {
+                    run!(1, 1, r0, t0);
+                    t0 += 1;
+                }
+                r0 += 1;
+            }
+        }
         return;
     }
     let rows_full = rows / NR * NR;
