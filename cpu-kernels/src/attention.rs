@@ -68,7 +68,7 @@ pub fn causal_attention_bf16(
 }
 
 /// [`causal_attention`] on a given ISA with an f32 or bf16 cache (`k` and `v` of the same
-/// type). Panics if the CPU cannot run `isa`.
+/// type, `[n_kv, n_kv_heads * head_dim]`). Panics if the CPU cannot run `isa`.
 pub fn causal_attention_with(
     isa: Isa,
     s: AttentionShape,
@@ -78,10 +78,71 @@ pub fn causal_attention_with(
     pos0: usize,
     out: &mut [f32],
 ) {
+    let kv_dim = s.n_kv_heads * s.head_dim;
+    let positions = k.len().checked_div(kv_dim).unwrap_or(0);
+    let layout = KvLayout::token_major(positions, s.n_kv_heads, s.head_dim);
+    causal_attention_in(isa, s, q, k, v, layout, pos0, out)
+}
+
+/// Where the rows of a KV cache tensor lie: KV head g's row for position j starts at
+/// element `g · head_stride + j · pos_stride` and holds `head_dim` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Positions held (`0 .. positions`).
+    pub positions: usize,
+    pub pos_stride: usize,
+    pub head_stride: usize,
+}
+
+impl KvLayout {
+    /// `[positions, n_kv_heads · head_dim]`: a position's heads side by side (the layout of
+    /// a `k_proj` output).
+    pub fn token_major(positions: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        KvLayout { positions, pos_stride: n_kv_heads * head_dim, head_stride: head_dim }
+    }
+
+    /// `[n_kv_heads, capacity, head_dim]` holding positions `0 .. positions ≤ capacity`:
+    /// each head's rows contiguous, so a decode step reads each head as one sequential
+    /// stream (the token-major cache strides by all heads' width, which the hardware
+    /// prefetchers, stopping at 4 KiB pages, follow poorly: `kattn`, one thread from DRAM,
+    /// 1088 keys 244 → 134 µs).
+    pub fn head_major(positions: usize, capacity: usize, head_dim: usize) -> Self {
+        KvLayout { positions, pos_stride: head_dim, head_stride: capacity * head_dim }
+    }
+
+    /// Elements a tensor of this layout spans for `n_kv_heads` heads of `head_dim`.
+    fn span(&self, n_kv_heads: usize, head_dim: usize) -> usize {
+        if self.positions == 0 || n_kv_heads == 0 {
+            return 0;
+        }
+        (n_kv_heads - 1) * self.head_stride + (self.positions - 1) * self.pos_stride + head_dim
+    }
+
+    /// Rows never overlap: heads side by side within a position, or positions within a head.
+    fn is_disjoint(&self, n_kv_heads: usize, head_dim: usize) -> bool {
+        let token_major = self.head_stride >= head_dim && self.pos_stride >= n_kv_heads * self.head_stride;
+        let head_major =
+            self.pos_stride >= head_dim && self.head_stride >= self.positions.max(1) * self.pos_stride;
+        (n_kv_heads <= 1 && self.pos_stride >= head_dim) || token_major || head_major
+    }
+}
+
+/// [`causal_attention_with`] over a cache of any [`KvLayout`] (`k` and `v` share it): the
+/// same operations per output whatever the layout, so the same bits.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_in(
+    isa: Isa,
+    s: AttentionShape,
+    q: &[f32],
+    k: KvRef<'_>,
+    v: KvRef<'_>,
+    layout: KvLayout,
+    pos0: usize,
+    out: &mut [f32],
+) {
     assert!(isa.is_supported(), "ISA {} is not supported by this CPU", isa.name());
     let hd = s.head_dim;
     let q_stride = s.n_heads * hd;
-    let kv_stride = s.n_kv_heads * hd;
     if q_stride == 0 {
         return;
     }
@@ -96,13 +157,16 @@ pub fn causal_attention_with(
         matches!((k, v), (KvRef::F32(_), KvRef::F32(_)) | (KvRef::Bf16(_), KvRef::Bf16(_))),
         "k, v types"
     );
-    let n_kv = k.len() / kv_stride;
+    assert!(layout.is_disjoint(s.n_kv_heads, hd), "KV rows overlap: {layout:?}");
+    assert!(k.len() >= layout.span(s.n_kv_heads, hd), "KV tensor shorter than its layout {layout:?}");
+    let n_kv = layout.positions;
     assert!(n_kv >= pos0 + n_q, "KV cache holds {n_kv} positions, queries reach {}", pos0 + n_q);
     assert_eq!(out.len(), q.len());
     let simd = matches!(isa, Isa::Avx2 | Isa::Avx512);
     let group = s.n_heads / s.n_kv_heads;
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    let shape = Layout { s, q_stride, kv_stride, group, pos0 };
+    let (pos_stride, head_stride) = (layout.pos_stride, layout.head_stride);
+    let shape = Layout { s, avx512: isa == Isa::Avx512, q_stride, pos_stride, head_stride, group, pos0 };
     if n_q == 1 {
         // Decode: one score row per head, in a buffer of the calling thread sized for
         // contexts up to MIN_DECODE_SPAN at first use, so steps do not allocate as the
@@ -207,8 +271,13 @@ const QUERY_BLOCK: usize = 8;
 /// Strides and positions shared by every item of one call.
 struct Layout {
     s: AttentionShape,
+    /// The ISA is AVX-512 (joint value sums, [`x86::weighted_sums`]).
+    avx512: bool,
     q_stride: usize,
-    kv_stride: usize,
+    /// Elements from one position's row of a KV head to the next ([`KvLayout`]).
+    pos_stride: usize,
+    /// Elements from KV head g's rows to head g + 1's.
+    head_stride: usize,
     group: usize,
     pos0: usize,
 }
@@ -249,7 +318,7 @@ unsafe fn block(
     out: SyncPtr,
 ) {
     let hd = l.s.head_dim;
-    let off = g * hd;
+    let off = g * l.head_stride;
     let (lo_min, _) = l.visible(i0);
     let (_, p_max) = l.visible(i1 - 1);
     let span = p_max + 1 - lo_min;
@@ -276,14 +345,14 @@ unsafe fn block(
     let (all_lo, all_hi) = (l.visible(i1 - 1).0, l.visible(i0).1);
     let mut j = lo_min;
     while j <= p_max {
-        let at = j * l.kv_stride + off;
+        let at = j * l.pos_stride + off;
         // Two keys every row sees at once: each row's load shared by both, twice the
         // independent FMA chains; each dot product keeps its own order (same bits).
         #[cfg(target_arch = "x86_64")]
         if simd && rows >= 4 && j < p_max && j >= all_lo && j < all_hi {
-            let at1 = at + l.kv_stride;
-            prefetch_row(k, at + KV_PREFETCH * l.kv_stride, hd);
-            prefetch_row(k, at1 + KV_PREFETCH * l.kv_stride, hd);
+            let at1 = at + l.pos_stride;
+            prefetch_row(k, at + KV_PREFETCH * l.pos_stride, hd);
+            prefetch_row(k, at1 + KV_PREFETCH * l.pos_stride, hd);
             let mut r = 0;
             while r + 4 <= rows {
                 let qs = [q_row(r), q_row(r + 1), q_row(r + 2), q_row(r + 3)];
@@ -330,7 +399,7 @@ unsafe fn block(
         let mut r = r_lo;
         #[cfg(target_arch = "x86_64")]
         if simd {
-            prefetch_row(k, at + KV_PREFETCH * l.kv_stride, hd);
+            prefetch_row(k, at + KV_PREFETCH * l.pos_stride, hd);
             while r + 4 <= r_hi {
                 let qs = [q_row(r), q_row(r + 1), q_row(r + 2), q_row(r + 3)];
                 // SAFETY: simd implies AVX2 + FMA (checked by the caller); rows and the key
@@ -361,11 +430,81 @@ unsafe fn block(
         // SAFETY: row (i, h) is ours (caller contract) and lies inside `out`.
         unsafe { std::slice::from_raw_parts_mut(out.ptr().add(i * l.q_stride + h * hd), hd) }
     };
-    for r in 0..rows {
+    let weights = |r: usize| {
         let (lo, p) = l.visible(i0 + r / l.group);
-        let w = &mut scores[r * span + lo - lo_min..r * span + p + 1 - lo_min];
-        softmax(simd, w);
-        weighted_sum(simd, w, v, lo * l.kv_stride + off, l.kv_stride, out_row(r));
+        r * span + lo - lo_min..r * span + p + 1 - lo_min
+    };
+    for r in 0..rows {
+        softmax(simd, &mut scores[weights(r)]);
+    }
+    let mut r = 0;
+    while r < rows {
+        let at = l.visible(i0 + r / l.group).0 * l.pos_stride + off;
+        // The heads of one query see the same keys: with AVX-512 up to four of them sum
+        // each value row together (one load for all; the same bits as one at a time).
+        #[cfg(target_arch = "x86_64")]
+        if l.avx512 {
+            let n = (l.group - r % l.group).min(4);
+            let w = |i: usize| &scores[weights(r + i)];
+            // SAFETY: AVX-512 checked by the caller (`avx512` is only set for that ISA); the
+            // rows' weights have one length (same visible keys) and the output rows are
+            // distinct heads of this item.
+            unsafe {
+                match n {
+                    4 => x86_weighted_sums(
+                        [w(0), w(1), w(2), w(3)],
+                        v,
+                        at,
+                        l.pos_stride,
+                        [out_row(r), out_row(r + 1), out_row(r + 2), out_row(r + 3)],
+                    ),
+                    3 => x86_weighted_sums(
+                        [w(0), w(1), w(2)],
+                        v,
+                        at,
+                        l.pos_stride,
+                        [out_row(r), out_row(r + 1), out_row(r + 2)],
+                    ),
+                    2 => x86_weighted_sums([w(0), w(1)], v, at, l.pos_stride, [out_row(r), out_row(r + 1)]),
+                    _ => x86_weighted_sums([w(0)], v, at, l.pos_stride, [out_row(r)]),
+                }
+            }
+            r += n;
+            continue;
+        }
+        weighted_sum(simd, &scores[weights(r)], v, at, l.pos_stride, out_row(r));
+        r += 1;
+    }
+}
+
+/// [`x86::weighted_sums`] over rows of `kv` from `at`.
+///
+/// # Safety
+/// AVX-512 F, AVX2 and FMA present; as [`x86::weighted_sums`] with `kv[at..]`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn x86_weighted_sums<const R: usize>(
+    ws: [&[f32]; R],
+    kv: KvRef<'_>,
+    at: usize,
+    stride: usize,
+    os: [&mut [f32]; R],
+) {
+    let (m, n) = (ws[0].len(), os[0].len());
+    if m == 0 {
+        os.into_iter().for_each(|o| o.fill(0.0));
+        return;
+    }
+    let end = at + (m - 1) * stride + n;
+    // SAFETY: forwarded contract; `end` bounds every row read.
+    unsafe {
+        match kv {
+            KvRef::F32(kv) => x86::weighted_sums(ws, &kv[at..end], stride, os, |p: *const f32| {
+                x86::f32x8(std::slice::from_raw_parts(p, 8))
+            }),
+            KvRef::Bf16(kv) => x86::weighted_sums(ws, &kv[at..end], stride, os, |p: *const bf16| {
+                x86::bf16x8(std::slice::from_raw_parts(p, 8))
+            }),
+        }
     }
 }
 
@@ -395,14 +534,14 @@ fn head(
     let hd = l.s.head_dim;
     let (lo, p) = l.visible(i);
     let qh = &q[i * l.q_stride + h * hd..][..hd];
-    let off = (h / l.group) * hd;
+    let off = (h / l.group) * l.head_stride;
     debug_assert_eq!(scores.len(), p + 1 - lo);
     for (j, sc) in (lo..=p).zip(scores.iter_mut()) {
-        let at = j * l.kv_stride + off;
+        let at = j * l.pos_stride + off;
         *sc = dot(simd, qh, k, at) * l.s.scale;
     }
     softmax(simd, scores);
-    weighted_sum(simd, scores, v, lo * l.kv_stride + off, l.kv_stride, o);
+    weighted_sum(simd, scores, v, lo * l.pos_stride + off, l.pos_stride, o);
 }
 
 /// [`softmax_inplace`] over a row of scores, with SIMD the exponentials eight at a time
@@ -855,6 +994,117 @@ mod x86 {
         }
     }
 
+    /// Sixteen values as f32 (AVX-512).
+    pub(super) trait Load16: Copy {
+        /// # Safety
+        /// AVX-512 F present; `p` points to 16 readable values.
+        unsafe fn load16(p: *const Self) -> __m512;
+    }
+    impl Load16 for f32 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            // SAFETY: caller contract; unaligned load.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+    }
+    impl Load16 for bf16 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const bf16) -> __m512 {
+            // SAFETY: caller contract; unaligned load.
+            let h = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+
+    /// [`weighted_sum`] for `R` rows of weights over the same value rows: `os[r][c] =
+    /// Σ_j ws[r][j] · kv[j · stride + c]`, each output from zero with one FMA per key in
+    /// ascending j, as [`weighted_sum`] does (the same bits: the sums are elementwise, so the
+    /// vector width does not matter). Each value row is loaded once for the `R` rows,
+    /// 64 columns at a time (`R · 4` accumulators); columns past the last 16 go through
+    /// [`weighted_sum`].
+    ///
+    /// # Safety
+    /// AVX-512 F, AVX2 and FMA present; every `ws[r]` has the same length `m ≥ 1`, every
+    /// `os[r]` the same length `n`, and `kv` holds `(m − 1) · stride + n` values.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn weighted_sums<T: Load16 + Into<f32>, const R: usize>(
+        ws: [&[f32]; R],
+        kv: &[T],
+        stride: usize,
+        mut os: [&mut [f32]; R],
+        load8: impl Fn(*const T) -> __m256,
+    ) {
+        let (m, n) = (ws[0].len(), os[0].len());
+        assert!(m >= 1 && kv.len() >= (m - 1) * stride + n);
+        assert!(ws.iter().all(|w| w.len() == m) && os.iter().all(|o| o.len() == n));
+        let full = n / 16 * 16;
+        let mut c0 = 0;
+        while c0 < full {
+            // SAFETY: columns c0 .. c0 + 16·V lie inside every row and output (<= full).
+            unsafe {
+                match (full - c0) / 16 {
+                    1 => columns16::<T, R, 1>(&ws, kv, stride, &mut os, c0),
+                    2 => columns16::<T, R, 2>(&ws, kv, stride, &mut os, c0),
+                    3 => columns16::<T, R, 3>(&ws, kv, stride, &mut os, c0),
+                    _ => columns16::<T, R, 4>(&ws, kv, stride, &mut os, c0),
+                }
+            }
+            c0 += 16 * ((full - c0) / 16).min(4);
+        }
+        if full < n {
+            for (w, o) in ws.into_iter().zip(os) {
+                // SAFETY: as above, for the columns from `full` on.
+                unsafe { weighted_sum(w, &kv[full..], stride, &mut o[full..], &load8) };
+            }
+        }
+    }
+
+    /// Columns `c0 .. c0 + 16·V` of [`weighted_sums`].
+    ///
+    /// # Safety
+    /// As [`weighted_sums`], and those columns lie inside every row and output.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn columns16<T: Load16, const R: usize, const V: usize>(
+        ws: &[&[f32]; R],
+        kv: &[T],
+        stride: usize,
+        os: &mut [&mut [f32]; R],
+        c0: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for j in 0..ws[0].len() {
+            // SAFETY: row j's columns c0 .. c0 + 16·V are inside `kv` (caller).
+            let row = unsafe { kv.as_ptr().add(j * stride + c0) };
+            // A hint only (never faults): the row KV_PREFETCH keys ahead.
+            let ahead = row.wrapping_add(super::KV_PREFETCH * stride) as *const i8;
+            let mut b = 0;
+            while b < 16 * V * std::mem::size_of::<T>() {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(b));
+                b += 64;
+            }
+            let mut vv = [_mm512_setzero_ps(); V];
+            for (a, v) in vv.iter_mut().enumerate() {
+                // SAFETY: as above.
+                *v = unsafe { T::load16(row.add(16 * a)) };
+            }
+            for r in 0..R {
+                let pv = _mm512_set1_ps(ws[r][j]);
+                for a in 0..V {
+                    acc[r][a] = _mm512_fmadd_ps(pv, vv[a], acc[r][a]);
+                }
+            }
+        }
+        for r in 0..R {
+            for a in 0..V {
+                // SAFETY: os[r] holds columns c0 .. c0 + 16·V (caller).
+                unsafe { _mm512_storeu_ps(os[r].as_mut_ptr().add(c0 + 16 * a), acc[r][a]) };
+            }
+        }
+    }
+
     /// As [`axpy_f32`] with bf16 values.
     ///
     /// # Safety
@@ -1027,5 +1277,69 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `[n_kv_heads, capacity, head_dim]` copy of a token-major `[positions, kv_dim]`
+    /// tensor, the rows past `positions` NaN (any read of them would show in the outputs).
+    fn to_head_major(x: &[f32], positions: usize, n_kv_heads: usize, hd: usize, capacity: usize) -> Vec<f32> {
+        let mut out = vec![f32::NAN; n_kv_heads * capacity * hd];
+        for p in 0..positions {
+            for g in 0..n_kv_heads {
+                let src = &x[p * n_kv_heads * hd + g * hd..][..hd];
+                out[(g * capacity + p) * hd..][..hd].copy_from_slice(src);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn head_major_cache_gives_the_same_bits() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for (n_heads, n_kv_heads, hd, window) in
+            [(4, 2, 8, None), (4, 1, 17, None), (6, 3, 64, Some(5)), (12, 2, 16, None), (8, 4, 31, Some(3))]
+        {
+            let s =
+                AttentionShape { n_heads, n_kv_heads, head_dim: hd, scale: (hd as f32).powf(-0.5), window };
+            let (n_kv, capacity) = (19, 24);
+            let (qd, kvd) = (n_heads * hd, n_kv_heads * hd);
+            let q = rand_vec(&mut rng, n_kv * qd);
+            let k = rand_vec(&mut rng, n_kv * kvd);
+            let v = rand_vec(&mut rng, n_kv * kvd);
+            let (kh, vh) = (
+                to_head_major(&k, n_kv, n_kv_heads, hd, capacity),
+                to_head_major(&v, n_kv, n_kv_heads, hd, capacity),
+            );
+            let to_bf16 = |x: &[f32]| x.iter().map(|&a| bf16::from_f32(a)).collect::<Vec<bf16>>();
+            let (kb, vb, khb, vhb) = (to_bf16(&k), to_bf16(&v), to_bf16(&kh), to_bf16(&vh));
+            let layout = KvLayout::head_major(n_kv, capacity, hd);
+            for ((kr, vr), (khr, vhr)) in [
+                ((KvRef::F32(&k), KvRef::F32(&v)), (KvRef::F32(&kh), KvRef::F32(&vh))),
+                ((KvRef::Bf16(&kb), KvRef::Bf16(&vb)), (KvRef::Bf16(&khb), KvRef::Bf16(&vhb))),
+            ] {
+                for isa in Isa::all_supported() {
+                    let mut want = vec![0f32; q.len()];
+                    causal_attention_with(isa, s, &q, kr, vr, 0, &mut want);
+                    let mut got = vec![0f32; q.len()];
+                    causal_attention_in(isa, s, &q, khr, vhr, layout, 0, &mut got);
+                    assert_eq!(got, want, "{isa:?} prefill {n_heads}/{n_kv_heads}/{hd}");
+                    for p in [0, 7, n_kv - 1] {
+                        let mut one = vec![0f32; qd];
+                        let at = KvLayout { positions: p + 1, ..layout };
+                        causal_attention_in(isa, s, &q[p * qd..(p + 1) * qd], khr, vhr, at, p, &mut one);
+                        assert_eq!(one, want[p * qd..(p + 1) * qd], "{isa:?} decode at {p}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "KV rows overlap")]
+    fn overlapping_layout_is_refused() {
+        let s = AttentionShape { n_heads: 2, n_kv_heads: 2, head_dim: 4, scale: 0.5, window: None };
+        let kv = vec![0f32; 64];
+        let mut out = vec![0f32; 8];
+        let layout = KvLayout { positions: 4, pos_stride: 4, head_stride: 4 };
+        causal_attention_in(Isa::Scalar, s, &[0.0; 8], KvRef::F32(&kv), KvRef::F32(&kv), layout, 3, &mut out);
     }
 }

@@ -1,7 +1,7 @@
 //! Per-sequence state: the KV cache in host memory and the tokens fed so far.
 
 use half::bf16;
-use hetmoe_cpu_kernels::attention::KvRef;
+use hetmoe_cpu_kernels::attention::{KvLayout, KvRef};
 use hetmoe_storage::ModelSpec;
 
 use crate::forward::PhaseTimes;
@@ -38,74 +38,146 @@ impl KvCacheDtype {
     }
 }
 
-/// Keys and values of one layer, `[positions, n_kv_heads * head_dim]` each.
+/// Keys and values of one layer, head-major: `[n_kv_heads, capacity, head_dim]` each,
+/// positions `0 .. len` filled. A decode step then reads each KV head's rows as one
+/// sequential stream (token-major rows stride by all heads' width, which the hardware
+/// prefetchers follow poorly: decode attention from DRAM took about twice as long). The
+/// attention computes the same bits in either layout.
 #[derive(Debug, Clone)]
-pub(crate) enum LayerCache {
+pub(crate) struct LayerCache {
+    data: KvData,
+    /// Positions held.
+    len: usize,
+    /// Positions each head has room for.
+    capacity: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+#[derive(Debug, Clone)]
+enum KvData {
     F32 { k: Vec<f32>, v: Vec<f32> },
     Bf16 { k: Vec<bf16>, v: Vec<bf16> },
 }
 
+/// An element type of the cache.
+trait KvElem: Copy + Default {
+    fn from_f32(x: f32) -> Self;
+}
+impl KvElem for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+impl KvElem for bf16 {
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+/// Positions a cache grows to at least when it first needs room.
+const MIN_CAPACITY: usize = 16;
+
 impl LayerCache {
-    fn new(dtype: KvCacheDtype) -> Self {
-        match dtype {
-            KvCacheDtype::F32 => LayerCache::F32 { k: Vec::new(), v: Vec::new() },
-            KvCacheDtype::Bf16 => LayerCache::Bf16 { k: Vec::new(), v: Vec::new() },
-        }
+    fn new(dtype: KvCacheDtype, n_kv_heads: usize, head_dim: usize) -> Self {
+        let data = match dtype {
+            KvCacheDtype::F32 => KvData::F32 { k: Vec::new(), v: Vec::new() },
+            KvCacheDtype::Bf16 => KvData::Bf16 { k: Vec::new(), v: Vec::new() },
+        };
+        LayerCache { data, len: 0, capacity: 0, n_kv_heads, head_dim }
     }
 
-    /// Appends `[m, kv_dim]` keys and values.
+    fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Appends `[m, n_kv_heads · head_dim]` keys and values (a projection's output layout).
     pub(crate) fn append(&mut self, k_new: &[f32], v_new: &[f32]) {
-        match self {
-            LayerCache::F32 { k, v } => {
-                k.extend_from_slice(k_new);
-                v.extend_from_slice(v_new);
+        let kvd = self.kv_dim();
+        debug_assert_eq!(k_new.len(), v_new.len());
+        let m = k_new.len().checked_div(kvd).unwrap_or(0);
+        self.reserve(m);
+        let (heads, hd, cap, at) = (self.n_kv_heads, self.head_dim, self.capacity, self.len);
+        match &mut self.data {
+            KvData::F32 { k, v } => {
+                scatter(k, heads, hd, cap, at, k_new);
+                scatter(v, heads, hd, cap, at, v_new);
             }
-            LayerCache::Bf16 { k, v } => {
-                k.extend(k_new.iter().map(|&x| bf16::from_f32(x)));
-                v.extend(v_new.iter().map(|&x| bf16::from_f32(x)));
+            KvData::Bf16 { k, v } => {
+                scatter(k, heads, hd, cap, at, k_new);
+                scatter(v, heads, hd, cap, at, v_new);
             }
+        }
+        self.len += m;
+    }
+
+    /// Keys, values and where their rows lie.
+    pub(crate) fn views(&self) -> (KvRef<'_>, KvRef<'_>, KvLayout) {
+        let layout = KvLayout::head_major(self.len, self.capacity, self.head_dim);
+        match &self.data {
+            KvData::F32 { k, v } => (KvRef::F32(k), KvRef::F32(v), layout),
+            KvData::Bf16 { k, v } => (KvRef::Bf16(k), KvRef::Bf16(v), layout),
         }
     }
 
-    pub(crate) fn views(&self) -> (KvRef<'_>, KvRef<'_>) {
-        match self {
-            LayerCache::F32 { k, v } => (KvRef::F32(k), KvRef::F32(v)),
-            LayerCache::Bf16 { k, v } => (KvRef::Bf16(k), KvRef::Bf16(v)),
+    /// Keeps the first `positions` positions.
+    fn truncate(&mut self, positions: usize) {
+        self.len = self.len.min(positions);
+    }
+
+    /// Room for `positions` more positions without reallocating; grows at least twofold
+    /// (as `Vec::reserve`), so a step-by-step caller moves the cache O(log n) times.
+    fn reserve(&mut self, positions: usize) {
+        let need = self.len + positions;
+        if need > self.capacity {
+            self.grow(need.max(2 * self.capacity).max(MIN_CAPACITY));
         }
     }
 
-    fn truncate(&mut self, n: usize) {
-        match self {
-            LayerCache::F32 { k, v } => {
-                k.truncate(n);
-                v.truncate(n);
+    /// Moves the held positions into buffers with room for `capacity` per head.
+    fn grow(&mut self, capacity: usize) {
+        let (heads, hd, len, old) = (self.n_kv_heads, self.head_dim, self.len, self.capacity);
+        match &mut self.data {
+            KvData::F32 { k, v } => {
+                regrow(k, heads, hd, len, old, capacity);
+                regrow(v, heads, hd, len, old, capacity);
             }
-            LayerCache::Bf16 { k, v } => {
-                k.truncate(n);
-                v.truncate(n);
-            }
-        }
-    }
-
-    fn reserve(&mut self, n: usize) {
-        match self {
-            LayerCache::F32 { k, v } => {
-                k.reserve(n);
-                v.reserve(n);
-            }
-            LayerCache::Bf16 { k, v } => {
-                k.reserve(n);
-                v.reserve(n);
+            KvData::Bf16 { k, v } => {
+                regrow(k, heads, hd, len, old, capacity);
+                regrow(v, heads, hd, len, old, capacity);
             }
         }
+        self.capacity = capacity;
     }
 
+    /// Bytes of the cached positions' keys and values.
     fn bytes(&self) -> usize {
-        match self {
-            LayerCache::F32 { k, v } => (k.len() + v.len()) * 4,
-            LayerCache::Bf16 { k, v } => (k.len() + v.len()) * 2,
+        let elem = match self.data {
+            KvData::F32 { .. } => 4,
+            KvData::Bf16 { .. } => 2,
+        };
+        2 * self.len * self.kv_dim() * elem
+    }
+}
+
+/// Writes `src` (`[m, heads · hd]`) to positions `at .. at + m` of the head-major `buf`.
+fn scatter<T: KvElem>(buf: &mut [T], heads: usize, hd: usize, capacity: usize, at: usize, src: &[f32]) {
+    for (t, row) in src.chunks_exact(heads * hd).enumerate() {
+        for (g, head) in row.chunks_exact(hd).enumerate() {
+            let dst = &mut buf[(g * capacity + at + t) * hd..][..hd];
+            dst.iter_mut().zip(head).for_each(|(d, &x)| *d = T::from_f32(x));
         }
     }
+}
+
+/// Replaces `buf` (`[heads, old, hd]`, `len` positions held) by `[heads, capacity, hd]`
+/// with the same positions.
+fn regrow<T: KvElem>(buf: &mut Vec<T>, heads: usize, hd: usize, len: usize, old: usize, capacity: usize) {
+    let mut new = vec![T::default(); heads * capacity * hd];
+    for g in 0..heads {
+        new[g * capacity * hd..][..len * hd].copy_from_slice(&buf[g * old * hd..][..len * hd]);
+    }
+    *buf = new;
 }
 
 /// One sequence being generated: its KV cache and the tokens it holds. Created by
@@ -114,7 +186,6 @@ impl LayerCache {
 pub struct Sequence {
     pub(crate) layers: Vec<LayerCache>,
     pub(crate) tokens: Vec<u32>,
-    pub(crate) kv_dim: usize,
     /// Buffers reused by every step of this sequence (and of batches it leads).
     pub(crate) scratch: Scratch,
 }
@@ -122,9 +193,11 @@ pub struct Sequence {
 impl Sequence {
     pub(crate) fn new(spec: &ModelSpec, dtype: KvCacheDtype) -> Self {
         Sequence {
-            layers: vec![LayerCache::new(dtype); spec.n_layers],
+            layers: vec![
+                LayerCache::new(dtype, spec.attention.n_kv_heads, spec.attention.head_dim);
+                spec.n_layers
+            ],
             tokens: Vec::new(),
-            kv_dim: spec.attention.kv_dim(),
             scratch: Scratch::default(),
         }
     }
@@ -161,9 +234,8 @@ impl Sequence {
 
     /// Drops cached positions beyond the tokens fed (after a failed step).
     pub(crate) fn rollback(&mut self) {
-        let keep = self.tokens.len() * self.kv_dim;
         for l in &mut self.layers {
-            l.truncate(keep);
+            l.truncate(self.tokens.len());
         }
     }
 
@@ -174,7 +246,7 @@ impl Sequence {
     pub fn reserve(&mut self, positions: usize) {
         self.tokens.reserve(positions);
         for l in &mut self.layers {
-            l.reserve(positions * self.kv_dim);
+            l.reserve(positions);
         }
     }
 }

@@ -2,7 +2,7 @@
 //! append to each sequence's KV cache, causal GQA attention, output projection.
 
 use hetmoe_cpu_kernels::active_isa;
-use hetmoe_cpu_kernels::attention::{causal_attention_with, AttentionShape};
+use hetmoe_cpu_kernels::attention::{causal_attention_in, AttentionShape};
 use hetmoe_cpu_kernels::matmul::matmuls;
 use hetmoe_cpu_kernels::norm::rms_norm_inplace;
 use hetmoe_cpu_kernels::{matmul, rope};
@@ -98,13 +98,14 @@ pub(crate) fn forward(
         let pos0 = item.seq.len();
         let cache = &mut item.seq.layers[layer];
         cache.append(&k[t0 * kvd..(t0 + m) * kvd], &v[t0 * kvd..(t0 + m) * kvd]);
-        let (kc, vc) = cache.views();
-        causal_attention_with(
+        let (kc, vc, layout) = cache.views();
+        causal_attention_in(
             active_isa(),
             shape,
             &q[t0 * qd..(t0 + m) * qd],
             kc,
             vc,
+            layout,
             pos0,
             &mut ctx[t0 * qd..(t0 + m) * qd],
         );
