@@ -434,8 +434,21 @@ unsafe fn block(
         let (lo, p) = l.visible(i0 + r / l.group);
         r * span + lo - lo_min..r * span + p + 1 - lo_min
     };
-    for r in 0..rows {
-        softmax(simd, &mut scores[weights(r)]);
+    // The heads of one query (consecutive rows) see the same keys: their softmaxes run
+    // four at a time.
+    let mut r = 0;
+    while r < rows {
+        let (lo, p) = l.visible(i0 + r / l.group);
+        let (off, len) = (lo - lo_min, p + 1 - lo);
+        let n = (l.group - r % l.group).min(4);
+        let buf = &mut scores[r * span..(r + n) * span];
+        match n {
+            4 => softmax_rows::<4>(simd, rows_mut(buf, span, off, len)),
+            3 => softmax_rows::<3>(simd, rows_mut(buf, span, off, len)),
+            2 => softmax_rows::<2>(simd, rows_mut(buf, span, off, len)),
+            _ => softmax(simd, &mut buf[off..off + len]),
+        }
+        r += n;
     }
     let mut r = 0;
     while r < rows {
@@ -564,6 +577,49 @@ fn softmax(simd: bool, x: &mut [f32]) {
     }
     let _ = simd;
     softmax_inplace(x);
+}
+
+/// [`softmax`] of `R` rows of one length (the heads of one query), each with the same
+/// bits as [`softmax`] alone: the rows' sums run side by side (each row's in its order,
+/// `R` dependent chains in flight instead of one), and the divisions are vectorised.
+fn softmax_rows<const R: usize>(simd: bool, mut rows: [&mut [f32]; R]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        let n = rows[0].len();
+        debug_assert!(rows.iter().all(|r| r.len() == n));
+        let max = rows.each_ref().map(|x| x.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        for (x, &m) in rows.iter_mut().zip(&max) {
+            if m.is_finite() {
+                // SAFETY: simd is only set for AVX2/AVX-512 ISAs, checked supported by the caller.
+                unsafe { x86::exp_shifted(x, m) };
+            }
+        }
+        let mut sum = [0f32; R];
+        for j in 0..n {
+            for (s, x) in sum.iter_mut().zip(&rows) {
+                *s += x[j];
+            }
+        }
+        for ((x, &m), &s) in rows.iter_mut().zip(&max).zip(&sum) {
+            if m.is_finite() {
+                // SAFETY: as above.
+                unsafe { x86::div_all(x, s) };
+            }
+        }
+        return;
+    }
+    rows.into_iter().for_each(|x| softmax(simd, x));
+}
+
+/// `R` rows of `len` values from `off` in consecutive rows of `span` of `buf` (`R · span`
+/// values).
+fn rows_mut<const R: usize>(buf: &mut [f32], span: usize, off: usize, len: usize) -> [&mut [f32]; R] {
+    let mut rest = buf;
+    std::array::from_fn(|_| {
+        let (row, tail) = std::mem::take(&mut rest).split_at_mut(span);
+        rest = tail;
+        &mut row[off..off + len]
+    })
 }
 
 /// `o = Σ_j w[j] · kv[at + j · stride ..][..o.len()]`: from zero, `o[c] += w[j] · kv[c]`
@@ -883,6 +939,15 @@ mod x86 {
             _mm256_set1_epi32(127),
         )));
         _mm256_mul_ps(y, pow2)
+    }
+
+    /// `x[i] /= d` (vector divisions: the same correctly rounded quotients).
+    ///
+    /// # Safety
+    /// AVX2 present.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn div_all(x: &mut [f32], d: f32) {
+        x.iter_mut().for_each(|v| *v /= d);
     }
 
     /// `x[i] = e^(x[i] − max)` ([`exp`], eight at a time; the tail through a zero-padded
@@ -1290,6 +1355,26 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn joint_softmax_is_each_rows_softmax() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        for n in [1, 7, 8, 9, 100] {
+            for isa in Isa::all_supported() {
+                let simd = matches!(isa, Isa::Avx2 | Isa::Avx512);
+                let mut rows: Vec<Vec<f32>> = (0..4).map(|_| rand_vec(&mut rng, n)).collect();
+                rows[2][0] = f32::NEG_INFINITY;
+                if n > 1 {
+                    rows[3].fill(f32::NEG_INFINITY);
+                }
+                let mut want = rows.clone();
+                want.iter_mut().for_each(|r| softmax(simd, r));
+                let [a, b, c, d] = &mut rows[..] else { unreachable!() };
+                softmax_rows::<4>(simd, [a, b, c, d]);
+                assert_eq!(rows, want, "{isa:?} n {n}");
+            }
+        }
     }
 
     #[test]
