@@ -456,13 +456,11 @@ pub(super) unsafe fn tiles<const K: u8, const QUANT: bool>(
                     run!(2, 4, r0, t0);
                     t0 += BF16_NT;
                 }
-                while t0 + 2 <= n_tokens {
-                    run!(2, 2, r0, t0);
-                    t0 += 2;
-                }
-                while t0 < n_tokens {
-                    run!(2, 1, r0, t0);
-                    t0 += 1;
+                match n_tokens - t0 {
+                    3 => run!(2, 3, r0, t0),
+                    2 => run!(2, 2, r0, t0),
+                    1 => run!(2, 1, r0, t0),
+                    _ => {}
                 }
                 r0 += 2;
             } else {

@@ -822,6 +822,15 @@ unsafe fn row_tiles_vnni<const Q: u8>(
                 run!(4, 4, r0, t0);
                 t0 += NT;
             }
+            // The last two or three tokens as one tile (same bits: each dot product alone).
+            match n_tokens - t0 {
+                3 => run!(4, 3, r0, t0),
+                2 => run!(4, 2, r0, t0),
+                _ => {}
+            }
+            if n_tokens - t0 >= 2 {
+                t0 = n_tokens;
+            }
         }
         while t0 < n_tokens {
             match rt {
@@ -915,9 +924,14 @@ unsafe fn tiles<const K: u8, const QUANT: bool>(
                 run!(4, 4, r0, t0);
                 t0 += NT;
             }
-            while t0 < n_tokens {
-                run!(4, 1, r0, t0);
-                t0 += 1;
+            // The last one to three tokens as one tile (each dot product is computed alone,
+            // so any tile gives the same bits): a prefill's experts get any number of tokens,
+            // and single-token tiles ran at under half the FMA rate.
+            match n_tokens - t0 {
+                3 => run!(4, 3, r0, t0),
+                2 => run!(4, 2, r0, t0),
+                1 => run!(4, 1, r0, t0),
+                _ => {}
             }
             r0 += NR;
         } else {
