@@ -250,3 +250,62 @@ impl Sequence {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Row of position `p`, head `g` in a head-major view.
+    fn row(data: KvRef<'_>, layout: KvLayout, g: usize, p: usize, hd: usize) -> Vec<f32> {
+        let at = g * layout.head_stride + p * layout.pos_stride;
+        match data {
+            KvRef::F32(v) => v[at..at + hd].to_vec(),
+            KvRef::Bf16(v) => v[at..at + hd].iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    /// `[m, heads · hd]` rows whose values name their position, head and element.
+    fn tokens(p0: usize, m: usize, heads: usize, hd: usize, sign: f32) -> Vec<f32> {
+        (0..m * heads * hd)
+            .map(|i| sign * (((p0 + i / (heads * hd)) * 100 + i % (heads * hd)) as f32))
+            .collect()
+    }
+
+    #[test]
+    fn appends_land_head_major_and_survive_growth_and_rollback() {
+        let (heads, hd) = (3, 4);
+        for dtype in [KvCacheDtype::F32, KvCacheDtype::Bf16] {
+            let mut c = LayerCache::new(dtype, heads, hd);
+            // A prompt, then one position at a time past several growths.
+            c.append(&tokens(0, 5, heads, hd, 1.0), &tokens(0, 5, heads, hd, -1.0));
+            for p in 5..40 {
+                c.reserve(1);
+                c.append(&tokens(p, 1, heads, hd, 1.0), &tokens(p, 1, heads, hd, -1.0));
+            }
+            let check = |c: &LayerCache, n: usize| {
+                let (k, v, layout) = c.views();
+                assert_eq!(layout.positions, n);
+                assert!(c.capacity >= n && layout.head_stride == c.capacity * hd);
+                for p in 0..n {
+                    for g in 0..heads {
+                        let want: Vec<f32> = (0..hd).map(|e| (p * 100 + g * hd + e) as f32).collect();
+                        let want = match dtype {
+                            KvCacheDtype::F32 => want,
+                            KvCacheDtype::Bf16 => want.iter().map(|&x| bf16::from_f32(x).to_f32()).collect(),
+                        };
+                        assert_eq!(row(k, layout, g, p, hd), want, "{dtype:?} k position {p} head {g}");
+                        let neg: Vec<f32> = want.iter().map(|x| -x).collect();
+                        assert_eq!(row(v, layout, g, p, hd), neg, "{dtype:?} v position {p} head {g}");
+                    }
+                }
+            };
+            check(&c, 40);
+            assert_eq!(c.bytes(), 2 * 40 * heads * hd * dtype.size_bytes());
+            // A failed step's positions are dropped; the next append takes their place.
+            c.truncate(30);
+            check(&c, 30);
+            c.append(&tokens(30, 2, heads, hd, 1.0), &tokens(30, 2, heads, hd, -1.0));
+            check(&c, 32);
+        }
+    }
+}
