@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use half::bf16;
-use hetmoe_cpu_kernels::matmul::{axpy_rows_with, matmul_with, MatRef, WeightsRef};
+use hetmoe_cpu_kernels::matmul::{axpy_rows_with, matmul_with, AxpyRef, MatRef, WeightsRef};
 use hetmoe_cpu_kernels::quant::{quantize_q4, quantize_q8, BlockQ4, BlockQ8, QK};
 use hetmoe_cpu_kernels::row_groups::{group_q4_rows, group_q8_rows, pair_groups, GroupKind, GroupedRef};
 use hetmoe_cpu_kernels::row_tiles::{self, TileKind};
@@ -55,22 +55,20 @@ fn main() {
                     println!("{line}");
                     continue;
                 }
-                let reps = 2000;
-                let t = Instant::now();
-                for _ in 0..reps {
-                    axpy_rows_with(isa, &y[..rows], m, &mut o[..cols]);
-                }
-                let s = t.elapsed().as_secs_f64();
-                line += &format!(" axpy n1: {:6.1}", (reps * rows * cols) as f64 / s / 1e9);
-                for n in [8usize, 32] {
-                    let reps = 2000 / n;
-                    let t = Instant::now();
-                    for _ in 0..reps {
-                        axpy_rows_with(isa, &y[..n * rows], m, &mut o[..n * cols]);
+                // G weights/s of the `axpy` over `w` for 1, 8 and 32 tokens.
+                let mut axpy = |label: &str, w: AxpyRef<'_>| {
+                    for n in [1usize, 8, 32] {
+                        let reps = 2000 / n;
+                        let t = Instant::now();
+                        for _ in 0..reps {
+                            axpy_rows_with(isa, &y[..n * rows], w, &mut o[..n * cols]);
+                        }
+                        let s = t.elapsed().as_secs_f64();
+                        let head = if n == 1 { format!(" {label} n1") } else { format!(" n{n}") };
+                        line += &format!("{head}: {:6.1}", (reps * n * rows * cols) as f64 / s / 1e9);
                     }
-                    let s = t.elapsed().as_secs_f64();
-                    line += &format!(" n{n}: {:6.1}", (reps * n * rows * cols) as f64 / s / 1e9);
-                }
+                };
+                axpy("axpy", m.into());
                 let grouped = match name {
                     "q8" => Some(GroupedRef::new(GroupKind::Q8, &g8, rows, cols).unwrap()),
                     "q4" => Some(GroupedRef::new(GroupKind::Q4, &g4, rows, cols).unwrap()),
@@ -82,23 +80,8 @@ fn main() {
                     let mut paired = vec![0u8; g.data().len()];
                     pair_groups(g.kind(), rows, cols, g.data(), &mut paired);
                     let p = GroupedRef::paired(g.kind(), &paired, rows, cols).unwrap();
-                    for (label, m) in [("grouped", g), ("paired", p)] {
-                        let t = Instant::now();
-                        for _ in 0..reps {
-                            axpy_rows_with(isa, &y[..rows], m, &mut o[..cols]);
-                        }
-                        let s = t.elapsed().as_secs_f64();
-                        line += &format!(" {label} axpy n1: {:6.1}", (reps * rows * cols) as f64 / s / 1e9);
-                        for n in [8usize, 32] {
-                            let reps = 2000 / n;
-                            let t = Instant::now();
-                            for _ in 0..reps {
-                                axpy_rows_with(isa, &y[..n * rows], m, &mut o[..n * cols]);
-                            }
-                            let s = t.elapsed().as_secs_f64();
-                            line += &format!(" n{n}: {:6.1}", (reps * n * rows * cols) as f64 / s / 1e9);
-                        }
-                    }
+                    axpy("grouped axpy", g.into());
+                    axpy("paired axpy", p.into());
                 }
                 println!("{line}");
             }

@@ -97,26 +97,11 @@ unsafe fn unit<const Q: u8, const G: usize>(
             let u = units[gi];
             if pf != 0 {
                 prefetch(u.wrapping_add(pf));
-            }
-            let (w0, w1) = if Q == 0 {
-                if pf != 0 {
+                if Q == 0 {
                     prefetch(u.wrapping_add(pf + 64));
                 }
-                let x80 = _mm512_set1_epi8(i8::MIN);
-                (
-                    _mm512_xor_si512(_mm512_loadu_si512(u as *const __m512i), x80),
-                    _mm512_xor_si512(_mm512_loadu_si512(u.add(64) as *const __m512i), x80),
-                )
-            } else {
-                let v = _mm512_loadu_si512(u as *const __m512i);
-                let m = _mm512_set1_epi8(0x0f);
-                (_mm512_and_si512(v, m), _mm512_and_si512(_mm512_srli_epi16::<4>(v), m))
-            };
-            let qa = _mm512_set1_epi32(p[gi].qa[i]);
-            let corr = _mm512_set1_epi32(p[gi].corr[i]);
-            let s = _mm512_set1_ps(p[gi].s[i]);
-            y0 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr, w0, qa)), y0);
-            y1 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr, w1, qa)), y1);
+            }
+            [y0, y1] = add_unit(&p[gi], i, weights::<Q>(u), [y0, y1]);
         }
         _mm512_storeu_ps(y, y0);
         _mm512_storeu_ps(y.add(16), y1);
@@ -288,14 +273,7 @@ impl Walk {
                     let u = self.units[gi].add(b * self.strides[gi]);
                     let (w0, w1) = weights::<Q>(u);
                     for (t, acc) in acc.iter_mut().enumerate() {
-                        let p = &prepared[gi][t];
-                        let qa = _mm512_set1_epi32(p.qa[i]);
-                        let corr = _mm512_set1_epi32(p.corr[i]);
-                        let s = _mm512_set1_ps(p.s[i]);
-                        acc[0] =
-                            _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr, w0, qa)), acc[0]);
-                        acc[1] =
-                            _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr, w1, qa)), acc[1]);
+                        *acc = add_unit(&prepared[gi][t], i, (w0, w1), *acc);
                     }
                 }
                 for (t, acc) in acc.iter().enumerate() {
@@ -308,7 +286,23 @@ impl Walk {
     }
 }
 
-/// A unit's 128 weights as unsigned bytes, columns 0..16 and 16..32 of the block ([`unit`]'s).
+/// `y += s · Σ_k ã_k q_kc` for the 32 columns of one unit (`w`: its weights, [`weights`]) with
+/// block `i` of the prepared activations `p`: the offset correction starts the integer sum,
+/// one conversion and one FMA per 16 columns.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512vnni")]
+fn add_unit(p: &Prepared, i: usize, w: (__m512i, __m512i), y: [__m512; 2]) -> [__m512; 2] {
+    let qa = _mm512_set1_epi32(p.qa[i]);
+    let corr = _mm512_set1_epi32(p.corr[i]);
+    let s = _mm512_set1_ps(p.s[i]);
+    [
+        _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr, w.0, qa)), y[0]),
+        _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr, w.1, qa)), y[1]),
+    ]
+}
+
+/// A unit's 128 weights as unsigned bytes (q8 `q + 128`, q4 the stored nibble `q + 8`):
+/// columns 0..16 and 16..32 of the block.
 ///
 /// # Safety
 /// `u` points to a readable unit of kind `Q`.
