@@ -58,17 +58,40 @@ pub(super) fn matmul(x: Acts<'_>, n_tokens: usize, w: MatRef<'_>, y: &mut [f32],
     }
 }
 
+thread_local! {
+    /// The calling thread's row buffer of [`axpy_rows`] (grown to the widest row seen), so
+    /// the scalar path, where it is the one that runs (CPUs without AVX2), allocates nothing
+    /// per decode step either.
+    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// `y[t, :] += a[t, j] · W_j` for every row j in order (the transposed product).
 pub(crate) fn axpy_rows(a: &[f32], n_tokens: usize, w: MatRef<'_>, y: &mut [f32]) {
     let (rows, cols) = (w.rows(), w.cols());
-    let mut buf = vec![0f32; cols];
-    for j in 0..rows {
-        w.row_to_f32(j, &mut buf);
-        for t in 0..n_tokens {
-            let aj = a[t * rows + j];
-            for (yv, &wv) in y[t * cols..(t + 1) * cols].iter_mut().zip(&buf) {
-                *yv += aj * wv;
+    let run = |buf: &mut [f32]| {
+        for j in 0..rows {
+            w.row_to_f32(j, buf);
+            for t in 0..n_tokens {
+                let aj = a[t * rows + j];
+                for (yv, &wv) in y[t * cols..(t + 1) * cols].iter_mut().zip(&*buf) {
+                    *yv += aj * wv;
+                }
             }
         }
+    };
+    let mut run = Some(run);
+    ROW.with(|b| {
+        if let Ok(mut b) = b.try_borrow_mut() {
+            if b.len() < cols {
+                b.resize(cols, 0.0);
+            }
+            if let Some(mut run) = run.take() {
+                run(&mut b[..cols]);
+            }
+        }
+    });
+    if let Some(mut run) = run {
+        // Re-entered on this thread: a buffer of its own.
+        run(&mut vec![0f32; cols]);
     }
 }
