@@ -1,14 +1,16 @@
 //! Causal (optionally sliding-window) grouped-query attention over a KV cache held in f32
-//! or bf16.
+//! or bf16, token-major or head-major ([`KvLayout`]).
 //!
 //! Each (query, head) output is computed by one task: scores `q·k_j` for the visible keys
-//! in ascending j (one dot product each, with the ISA's fixed reduction pattern), a scalar
+//! in ascending j (one dot product each, with the ISA's fixed reduction pattern), a
 //! softmax, then `o = Σ_j p_j · v_j` in ascending j. With several queries (prefill) a task
 //! takes a block of 8 queries × the heads sharing one KV head and walks the keys once for
 //! all of them (each key and value row read from L1), with the same operations per output.
-//! Nothing depends on how many queries are in the call or on the thread count, so prefill
-//! and decode give the same bits for a position. On AVX2 and AVX-512 CPUs the dot products and the `v` accumulation use AVX2
-//! (8 lanes, fixed horizontal sum); the scalar path is the oracle.
+//! Nothing depends on how many queries are in the call, on the thread count or on the
+//! cache's layout, so prefill and decode give the same bits for a position. On AVX2 and
+//! AVX-512 CPUs the dot products use AVX2 (8 lanes, fixed horizontal sum) and the `v`
+//! accumulation one FMA per key and element (AVX-512: four heads at a time, the same
+//! bits); the scalar path is the oracle.
 
 use half::bf16;
 
