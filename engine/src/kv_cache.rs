@@ -170,14 +170,17 @@ fn scatter<T: KvElem>(buf: &mut [T], heads: usize, hd: usize, capacity: usize, a
     }
 }
 
-/// Replaces `buf` (`[heads, old, hd]`, `len` positions held) by `[heads, capacity, hd]`
-/// with the same positions.
+/// Turns `buf` (`[heads, old, hd]`, `len` positions held) into `[heads, capacity, hd]` with
+/// the same positions, in place: the buffer grows (a `realloc`, which can extend the mapping
+/// without copying), then each head's rows move up to their new start, last head first (a
+/// head's new start is past every earlier head's old rows). Peak memory is the new size,
+/// not old plus new.
 fn regrow<T: KvElem>(buf: &mut Vec<T>, heads: usize, hd: usize, len: usize, old: usize, capacity: usize) {
-    let mut new = vec![T::default(); heads * capacity * hd];
-    for g in 0..heads {
-        new[g * capacity * hd..][..len * hd].copy_from_slice(&buf[g * old * hd..][..len * hd]);
+    debug_assert!(capacity >= old && len <= old);
+    buf.resize(heads * capacity * hd, T::default());
+    for g in (1..heads).rev() {
+        buf.copy_within(g * old * hd..(g * old + len) * hd, g * capacity * hd);
     }
-    *buf = new;
 }
 
 /// One sequence being generated: its KV cache and the tokens it holds. Created by
