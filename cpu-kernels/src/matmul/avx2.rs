@@ -9,8 +9,8 @@
 //!   quantized to 8 bits ([`qdot_tile`]), one 8-lane f32 accumulator over the blocks in
 //!   order; [`hsum`] at the end.
 //!
-//! Multi-token tiles (up to [`NR`] rows × [`NT`] tokens) keep one accumulator per
-//! (token, row) pair and load each weight vector once per tile.
+//! Multi-token tiles (4 rows × 2 tokens; bf16 rows 2 × 4, see `tiles`) keep one
+//! accumulator per (token, row) pair and load each weight vector once per tile.
 //!
 //! `axpy_rows` (one block of rows; the caller sums blocks in order): per output element
 //! `y = fma(a[j], w[j], y)` for j ascending, with quantized weights dequantized as `d · q`
@@ -23,12 +23,9 @@ use crate::dispatch::Isa;
 use crate::quant::{LANE as LANE_GROUP, QK};
 
 const LANES: usize = 8;
-/// Rows per tile.
+/// Rows per tile (the several-token walk in `tiles` spells its tile sizes out: they are
+/// const generic arguments).
 const NR: usize = 4;
-/// Tokens per tile.
-const NT: usize = 2;
-/// Tokens per tile of bf16 rows (two rows a tile, see `tiles`).
-const BF16_NT: usize = 4;
 
 /// Tokens × vectors of `y` the several-token `axpy` keeps in registers (8 accumulators,
 /// 2 weight vectors and a broadcast of the 16 registers).
@@ -446,63 +443,9 @@ pub(super) unsafe fn tiles<const K: u8, const QUANT: bool>(
         // bf16 splits each chunk into odd and even halves: a 4 × 2 tile would need 18 of
         // the 16 registers (8 sums, 8 weight halves, 2 activations) and spill; 2 × 4 needs
         // 14 (each dot product is computed alone either way: same bits).
-        let rows_full = rows / 2 * 2;
-        let tok_full = n_tokens / BF16_NT * BF16_NT;
-        let mut r0 = 0;
-        while r0 < rows {
-            let mut t0 = 0;
-            if r0 < rows_full {
-                while t0 < tok_full {
-                    run!(2, 4, r0, t0);
-                    t0 += BF16_NT;
-                }
-                match n_tokens - t0 {
-                    3 => run!(2, 3, r0, t0),
-                    2 => run!(2, 2, r0, t0),
-                    1 => run!(2, 1, r0, t0),
-                    _ => {}
-                }
-                r0 += 2;
-            } else {
-                while t0 < tok_full {
-                    run!(1, 4, r0, t0);
-                    t0 += BF16_NT;
-                }
-                while t0 < n_tokens {
-                    run!(1, 1, r0, t0);
-                    t0 += 1;
-                }
-                r0 += 1;
-            }
-        }
-        return;
-    }
-    let rows_full = rows / NR * NR;
-    let tok_full = n_tokens / NT * NT;
-    let mut r0 = 0;
-    while r0 < rows {
-        let mut t0 = 0;
-        if r0 < rows_full {
-            while t0 < tok_full {
-                run!(4, 2, r0, t0);
-                t0 += NT;
-            }
-            while t0 < n_tokens {
-                run!(4, 1, r0, t0);
-                t0 += 1;
-            }
-            r0 += NR;
-        } else {
-            while t0 < tok_full {
-                run!(1, 2, r0, t0);
-                t0 += NT;
-            }
-            while t0 < n_tokens {
-                run!(1, 1, r0, t0);
-                t0 += 1;
-            }
-            r0 += 1;
-        }
+        super::common::tile_walk!(run, rows, n_tokens, 2, 4, [3, 2]);
+    } else {
+        super::common::tile_walk!(run, rows, n_tokens, 4, 2, []);
     }
 }
 

@@ -914,38 +914,9 @@ unsafe fn tiles<const K: u8, const QUANT: bool>(
         super::common::one_token_walk!(run, rows, per);
         return;
     }
-    let rows_full = rows / NR * NR;
-    let tok_full = n_tokens / NT * NT;
-    let mut r0 = 0;
-    while r0 < rows {
-        let mut t0 = 0;
-        if r0 < rows_full {
-            while t0 < tok_full {
-                run!(4, 4, r0, t0);
-                t0 += NT;
-            }
-            // The last one to three tokens as one tile (each dot product is computed alone,
-            // so any tile gives the same bits): a prefill's experts get any number of tokens,
-            // and single-token tiles ran at under half the FMA rate.
-            match n_tokens - t0 {
-                3 => run!(4, 3, r0, t0),
-                2 => run!(4, 2, r0, t0),
-                1 => run!(4, 1, r0, t0),
-                _ => {}
-            }
-            r0 += NR;
-        } else {
-            while t0 < tok_full {
-                run!(1, 4, r0, t0);
-                t0 += NT;
-            }
-            while t0 < n_tokens {
-                run!(1, 1, r0, t0);
-                t0 += 1;
-            }
-            r0 += 1;
-        }
-    }
+    // The last two or three tokens as one tile: a prefill's experts get any number of
+    // tokens, and single-token tiles ran at under half the FMA rate.
+    super::common::tile_walk!(run, rows, n_tokens, 4, 4, [3, 2]);
 }
 
 super::common::simd_kernels! {

@@ -667,3 +667,46 @@ macro_rules! one_token_walk {
     }};
 }
 pub(super) use one_token_walk;
+
+/// The several-token walk of an ISA's `tiles`: rows `$r` at a time (the last `rows % $r`
+/// one at a time), and for each, tokens `$t` at a time; the tokens left after the full
+/// tiles go as one tile where their count is one of `$tail` (a narrower tile), else one at
+/// a time. Each dot product is computed alone, so any tiling gives the same bits.
+macro_rules! tile_walk {
+    ($run:ident, $rows:expr, $n_tokens:expr, $r:literal, $t:literal, [$($tail:literal),*]) => {{
+        let (rows, n_tokens) = ($rows, $n_tokens);
+        let (rows_full, tok_full) = (rows / $r * $r, n_tokens / $t * $t);
+        let mut r0 = 0;
+        while r0 < rows_full {
+            let mut t0 = 0;
+            while t0 < tok_full {
+                $run!($r, $t, r0, t0);
+                t0 += $t;
+            }
+            $(
+                if n_tokens - t0 == $tail {
+                    $run!($r, $tail, r0, t0);
+                    t0 = n_tokens;
+                }
+            )*
+            while t0 < n_tokens {
+                $run!($r, 1, r0, t0);
+                t0 += 1;
+            }
+            r0 += $r;
+        }
+        while r0 < rows {
+            let mut t0 = 0;
+            while t0 < tok_full {
+                $run!(1, $t, r0, t0);
+                t0 += $t;
+            }
+            while t0 < n_tokens {
+                $run!(1, 1, r0, t0);
+                t0 += 1;
+            }
+            r0 += 1;
+        }
+    }};
+}
+pub(super) use tile_walk;
